@@ -1,0 +1,47 @@
+"""Command line: `python -m idios serve` runs the embedded service (API + worker in one process)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aiohttp import web
+
+from idios.api.app import create_app
+from idios.api.backend import embedded_backend
+from idios.settings import Settings, add_arguments, from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m idios", description="Idios reverse image search")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="API and worker in one process, Milvus Lite in the data folder",
+        description="Run the embedded service. Every flag can also be set with its IDIOS_* environment variable.",
+    )
+    add_arguments(serve)
+    return parser
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = from_args(args)
+    configure_logging(settings)
+    if args.command == "serve":
+        app = create_app(settings, embedded_backend)
+        web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+                    print=lambda msg: logging.getLogger("idios").info(msg.strip()))
+
+
+if __name__ == "__main__":
+    main()

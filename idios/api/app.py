@@ -1,0 +1,66 @@
+"""The aiohttp application: middlewares that turn errors into JSON, and the backend's lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+import orjson
+from aiohttp import web
+
+from idios import errors
+from idios.api.backend import BACKEND, REQUEST_ID, Backend
+from idios.api.routes import routes
+from idios.settings import Settings
+
+log = logging.getLogger("idios.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BackendFactory = Callable[[Settings], AbstractAsyncContextManager[Backend]]
+
+
+def _error(status: int, body: object) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a JSON answer with a status and a machine-readable type; no tracebacks leak."""
+    rid = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex
+    request[REQUEST_ID] = rid
+    start = time.perf_counter()
+    try:
+        response = await handler(request)
+    except errors.IdiosError as exc:
+        response = _error(exc.status, exc.to_body())
+    except web.HTTPRequestEntityTooLarge as exc:
+        response = _error(413, {"detail": exc.text or "Request body too large", "type": "payload_too_large"})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        response = _error(exc.status, {"detail": exc.reason, "type": kind})
+    except Exception:
+        log.exception("request %s %s failed (request id %s)", request.method, request.path, rid)
+        response = _error(500, {"detail": "Internal server error", "type": "internal_error", "request_id": rid})
+    response.headers["X-Request-ID"] = rid
+    log.debug("%s %s %d %.1f ms rid=%s", request.method, request.path, response.status,
+              1000 * (time.perf_counter() - start), rid)
+    return response
+
+
+def create_app(settings: Settings, backend_factory: BackendFactory) -> web.Application:
+    """The API application; `backend_factory` opens what it talks to (embedded or distributed)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
+
+    async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with backend_factory(settings) as backend:
+            app[BACKEND] = backend
+            yield
+
+    app.cleanup_ctx.append(backend_ctx)
+    app.add_routes(routes)
+    return app

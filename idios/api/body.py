@@ -1,0 +1,65 @@
+"""Reading request bodies: JSON, or multipart/form-data with uploaded image files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_request import FileField
+
+from idios import errors
+
+JSON_FIELDS = {"metadata", "filter"}
+FILE_FIELDS = {"image", "other_image"}
+
+
+@dataclass
+class Body:
+    data: Any
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def invalid_json(msg: str) -> errors.RequestInvalid:
+    return errors.RequestInvalid([{"loc": ["body"], "msg": msg, "type": "json_invalid"}])
+
+
+async def read_body(request: web.Request, allow_files: bool = False) -> Body:
+    """The decoded body. Uploaded files are only accepted on routes that take an image."""
+    if request.content_type == "multipart/form-data":
+        if not allow_files:
+            raise errors.UnsupportedMediaType("This route takes a JSON body")
+        return await _read_form(request)
+    raw = await request.read()
+    if not raw.strip():
+        raise invalid_json("A JSON body is required")
+    try:
+        return Body(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise invalid_json(f"Invalid JSON: {exc}") from None
+
+
+async def _read_form(request: web.Request) -> Body:
+    form = await request.post()
+    data: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for name, value in form.items():
+        if isinstance(value, FileField):
+            if name not in FILE_FIELDS:
+                raise errors.RequestInvalid(
+                    [{"loc": ["body", name], "msg": "unexpected file field", "type": "extra_forbidden"}]
+                )
+            files[name] = value.file.read()
+        elif name in FILE_FIELDS:
+            files[name] = value.encode() if isinstance(value, str) else bytes(value)
+        elif name in JSON_FIELDS:
+            try:
+                data[name] = orjson.loads(value) if value else None
+            except orjson.JSONDecodeError:
+                raise errors.RequestInvalid(
+                    [{"loc": ["body", name], "msg": f"{name} must be JSON", "type": "json_invalid"}]
+                ) from None
+        else:
+            data[name] = value
+    return Body(data, files)

@@ -1,0 +1,245 @@
+"""The routes of the original Idios API, plus uploads, filters and `indexed` search."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import numpy as np
+import orjson
+from aiohttp import web
+
+from idios import errors
+from idios.api.backend import BACKEND, REQUEST_ID, Backend
+from idios.api.body import read_body
+from idios.api.schemas import (
+    AddRequest,
+    CompareRequest,
+    DumpRequest,
+    PageRequest,
+    RemoveRequest,
+    RestoreItem,
+    SearchRequest,
+    item_error,
+    parse,
+)
+from idios.filters import metadata_filter
+from idios.messages import ImageJob, JobKind
+from idios.models import ModelSpec
+from idios.store import similarity
+
+routes = web.RouteTableDef()
+RESTORE_JOB_ROWS = 1000
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status=status,
+                        content_type="application/json")
+
+
+def no_content() -> web.Response:
+    return web.Response(status=204)
+
+
+def backend(request: web.Request) -> Backend:
+    return request.app[BACKEND]
+
+
+def model_of(request: web.Request) -> ModelSpec:
+    name = request.match_info["model"]
+    specs = backend(request).specs
+    if name not in specs:
+        raise errors.ModelNotFound(f"Model {name!r} not found", models=sorted(specs))
+    return specs[name]
+
+
+def request_id(request: web.Request) -> str:
+    return request.get(REQUEST_ID) or uuid.uuid4().hex
+
+
+async def run_job(request: web.Request, job: ImageJob) -> Any:
+    """Send a job over the bus and turn a failure that came back as data into the matching error."""
+    result = await backend(request).bus.request(job)
+    if result.error is not None:
+        raise errors.from_data(result.error)
+    return result
+
+
+async def embed(request: web.Request, spec: ModelSpec, url: str | None, image: bytes | None) -> np.ndarray:
+    job = ImageJob(JobKind.EMBED, spec.name, url=url or "", image=image, request_id=request_id(request))
+    return (await run_job(request, job)).embedding
+
+
+@routes.get("/ping")
+async def ping(request: web.Request) -> web.Response:
+    if request.query.get("rpc") not in (None, "", "0", "false"):
+        await run_job(request, ImageJob(JobKind.PING, request_id=request_id(request)))
+    return json_response("pong")
+
+
+@routes.get("/models")
+async def list_models(request: web.Request) -> web.Response:
+    specs = backend(request).specs
+    return json_response([{"name": s.name, "dim": s.dim, "text": s.has_text} for s in specs.values()])
+
+
+@routes.post("/models/{model}/add")
+async def add(request: web.Request) -> web.Response:
+    spec = model_of(request)
+    body = await read_body(request, allow_files=True)
+    req = parse(AddRequest, body.data)
+    job = ImageJob(JobKind.ADD, spec.name, req.url, req.metadata, body.files.get("image"), request_id=request_id(request))
+    await run_job(request, job)
+    return no_content()
+
+
+@routes.post("/models/{model}/search_add")
+async def search_add(request: web.Request) -> web.Response:
+    spec = model_of(request)
+    body = await read_body(request, allow_files=True)
+    req = parse(AddRequest, body.data)
+    if await backend(request).store.existing(spec.name, [req.url]):
+        raise errors.AlreadyInserted()
+    job = ImageJob(JobKind.ADD, spec.name, req.url, req.metadata, body.files.get("image"), request_id=request_id(request))
+    await run_job(request, job)
+    return no_content()
+
+
+@routes.post("/models/{model}/add_bulk")
+async def add_bulk(request: web.Request) -> web.Response:
+    spec = model_of(request)
+    items = (await read_body(request)).data
+    limit = backend(request).settings.max_bulk_items
+    if not isinstance(items, list) or len(items) > limit:
+        raise errors.RequestInvalid(
+            [{"loc": ["body"], "msg": f"a list of at most {limit} items is required", "type": "list_type"}]
+        )
+    failed: list[dict[str, Any]] = []
+    valid: dict[str, AddRequest] = {}
+    for raw in items:
+        item, reason = item_error(AddRequest, raw)
+        if item is None:
+            url = raw.get("url") if isinstance(raw, dict) else None
+            failed.append({"url": url, "error": reason, "type": "validation_error"})
+        elif item.url not in valid:
+            valid[item.url] = item
+    found = await backend(request).store.existing(spec.name, list(valid))
+    todo = [item for url, item in valid.items() if url not in found]
+    rid = request_id(request)
+    jobs = [run_job(request, ImageJob(JobKind.ADD, spec.name, it.url, it.metadata, request_id=rid)) for it in todo]
+    added = []
+    for item, outcome in zip(todo, await asyncio.gather(*jobs, return_exceptions=True), strict=True):
+        if isinstance(outcome, errors.IdiosError):
+            failed.append({"url": item.url, "error": outcome.message, "type": outcome.type})
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            added.append(item.url)
+    return json_response({"added": added, "found": [u for u in valid if u in found], "failed": failed})
+
+
+@routes.post("/models/{model}/restore")
+async def restore(request: web.Request) -> web.Response:
+    spec = model_of(request)
+    items = (await read_body(request)).data
+    limit = backend(request).settings.max_bulk_items
+    if not isinstance(items, list) or len(items) > limit:
+        raise errors.RequestInvalid(
+            [{"loc": ["body"], "msg": f"a list of at most {limit} items is required", "type": "list_type"}]
+        )
+    rows = []
+    for i, raw in enumerate(items):
+        item = parse(RestoreItem, raw, prefix=("body", i))
+        if len(item.embedding) != spec.dim:
+            raise errors.DimensionMismatch(
+                f"embedding has {len(item.embedding)} values; model {spec.name} stores {spec.dim}",
+                loc=("body", i, "embedding"),
+            )
+        rows.append({"url": item.url, "metadata": item.metadata, "embedding": item.embedding})
+    rid = request_id(request)
+    await asyncio.gather(*(
+        run_job(request, ImageJob(JobKind.RESTORE, spec.name, rows=rows[i : i + RESTORE_JOB_ROWS], request_id=rid))
+        for i in range(0, len(rows), RESTORE_JOB_ROWS)
+    ))
+    return no_content()
+
+
+@routes.post("/models/{model}/search")
+async def search(request: web.Request) -> web.Response:
+    spec = model_of(request)
+    body = await read_body(request, allow_files=True)
+    req = parse(SearchRequest, body.data)
+    image = body.files.get("image")
+    store = backend(request).store
+    expr = metadata_filter(req.filter) if req.filter else ""
+    if req.indexed:
+        if not req.url:
+            raise errors.FieldError("indexed search needs the url of a stored image", loc=("body", "url"))
+        vector = await store.embedding_of(spec.name, req.url)
+        if vector is None:
+            raise errors.NotFound(f"{req.url} is not indexed in model {spec.name}")
+    elif image is not None or req.url:
+        vector = await embed(request, spec, req.url, image)
+    elif req.text:
+        if not spec.has_text:
+            raise errors.TextNotSupported(f"Model {spec.name} has no text tower; search by image instead")
+        job = ImageJob(JobKind.EMBED_TEXT, spec.name, text=req.text, request_id=request_id(request))
+        vector = (await run_job(request, job)).embedding
+    else:
+        return json_response({"detail": "Either 'text' or 'url' must be provided."}, status=422)
+    hits = await store.search(spec.name, vector, req.limit, expr, req.min_similarity)
+    return json_response([{"url": h.url, "metadata": h.metadata, "similarity": h.similarity} for h in hits])
+
+
+@routes.post("/models/{model}/compare")
+async def compare(request: web.Request) -> web.Response:
+    spec = model_of(request)
+    body = await read_body(request, allow_files=True)
+    req = parse(CompareRequest, body.data)
+    left = (req.url, body.files.get("image"))
+    right = (req.other, body.files.get("other_image"))
+    for name, (url, image) in (("url", left), ("other", right)):
+        if not url and image is None:
+            raise errors.RequestInvalid([{"loc": ["body", name], "msg": "Field required", "type": "missing"}])
+    a, b = await asyncio.gather(embed(request, spec, *left), embed(request, spec, *right))
+    return json_response(similarity(float(np.dot(a, b))))
+
+
+async def _page(request: web.Request, with_data: bool) -> web.Response:
+    spec = model_of(request)
+    if request.method == "GET" or not request.can_read_body:
+        data: dict[str, Any] = dict(request.query)
+    else:
+        data = (await read_body(request)).data
+    req = parse(DumpRequest if with_data else PageRequest, data)
+    rows = await backend(request).store.page(spec.name, req.cursor, req.limit, with_data)
+    if with_data:
+        return json_response(rows)
+    return json_response([r["url"] for r in rows])
+
+
+@routes.post("/models/{model}/urls")
+@routes.get("/models/{model}/urls")
+async def urls(request: web.Request) -> web.Response:
+    return await _page(request, with_data=False)
+
+
+@routes.post("/models/{model}/dump")
+@routes.get("/models/{model}/dump")
+async def dump(request: web.Request) -> web.Response:
+    return await _page(request, with_data=True)
+
+
+@routes.get("/models/{model}/count")
+async def count(request: web.Request) -> web.Response:
+    spec = model_of(request)
+    return json_response(await backend(request).store.count(spec.name))
+
+
+@routes.post("/models/{model}/remove")
+async def remove(request: web.Request) -> web.Response:
+    spec = model_of(request)
+    req = parse(RemoveRequest, (await read_body(request)).data)
+    await backend(request).store.remove(spec.name, req.url)
+    return no_content()

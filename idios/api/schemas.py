@@ -1,0 +1,115 @@
+"""Request bodies, validated with pydantic so that 422s have FastAPI's shape, as the original service's did."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
+from yarl import URL
+
+from idios import errors
+
+URL_MAX = 2083
+METADATA_MAX = 65535
+PAGE_MAX = 16384
+
+
+def check_url(value: str) -> str:
+    if len(value) > URL_MAX:
+        raise PydanticCustomError("value_error.url", f"URL is longer than {URL_MAX} characters")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        raise PydanticCustomError("value_error.url", "URL must not contain spaces or control characters")
+    try:
+        parsed = URL(value)
+    except (ValueError, TypeError):
+        raise PydanticCustomError("value_error.url", "URL cannot be parsed") from None
+    if parsed.scheme not in ("http", "https"):
+        raise PydanticCustomError("value_error.url.scheme", "URL scheme must be http or https")
+    if not parsed.host:
+        raise PydanticCustomError("value_error.url.host", "URL must have a host")
+    return value
+
+
+def check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    size = len(orjson.dumps(value).decode("utf-8"))
+    if size > METADATA_MAX:
+        raise PydanticCustomError(
+            "value_error.metadata_json_too_long", f"metadata json too long ({size} > {METADATA_MAX})"
+        )
+    return value
+
+
+ImageUrl = Annotated[str, AfterValidator(check_url)]
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(check_metadata)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class AddRequest(Body):
+    url: ImageUrl
+    metadata: Metadata = None
+
+
+class SearchRequest(Body):
+    url: ImageUrl | None = None
+    text: str | None = Field(default=None, min_length=1, max_length=10_000)
+    limit: int = Field(default=10, ge=1, le=PAGE_MAX)
+    filter: dict[str, Any] | None = None
+    min_similarity: float | None = Field(default=None, ge=0, le=100)
+    indexed: bool = False
+
+
+class CompareRequest(Body):
+    url: ImageUrl | None = None
+    other: ImageUrl | None = None
+
+
+class RemoveRequest(Body):
+    url: ImageUrl
+
+
+class PageRequest(Body):
+    cursor: str | None = Field(default=None, max_length=URL_MAX)
+    limit: int = Field(default=PAGE_MAX, ge=1, le=PAGE_MAX)
+
+
+class DumpRequest(PageRequest):
+    limit: int = Field(default=1000, ge=1, le=PAGE_MAX)
+
+
+class RestoreItem(Body):
+    url: ImageUrl
+    metadata: Metadata = None
+    embedding: list[float] = Field(min_length=1)
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def fastapi_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:
+    """pydantic's errors in FastAPI's 422 shape (loc starting with "body"), without echoing the input."""
+    return [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def parse(model: type[B], data: Any, prefix: tuple[str | int, ...] = ("body",)) -> B:
+    """Validate `data` as `model`, or raise a 422 listing every problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise errors.RequestInvalid(fastapi_errors(exc, prefix)) from None
+
+
+def item_error(model: type[B], data: Any) -> tuple[B | None, str | None]:
+    """Validate one item of a bulk request: the item, or a one-line reason it is invalid."""
+    try:
+        return model.model_validate(data), None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return None, f"{where}: {first['msg']}" if where else first["msg"]

@@ -1,0 +1,107 @@
+"""A micro-batching actor: items queue up, and a batch is flushed at `max_batch` items or `max_wait`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+BatchFn = Callable[[list[T]], Awaitable[Sequence[R]]]
+
+
+class MicroBatcher(Generic[T, R]):
+    """Collects items from many callers into batches for one `process` coroutine.
+
+    `submit` waits for the item's own result; a failing batch fails every caller in it with the same error.
+    The queue is bounded, so callers feel back-pressure when the batch function falls behind.
+    """
+
+    def __init__(self, name: str, process: BatchFn[T, R], max_batch: int, max_wait: float, queue_size: int = 0):
+        self.name = name
+        self._process = process
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max(0.0, max_wait)
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue(queue_size or 4 * self.max_batch)
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.items = 0
+
+    async def __aenter__(self) -> MicroBatcher[T, R]:
+        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the actor; callers still waiting get a CancelledError-free RuntimeError."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+        while not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(RuntimeError(f"{self.name} is shutting down"))
+
+    async def submit(self, item: T) -> R:
+        """Queue one item and wait for its result."""
+        if self._task is None:
+            raise RuntimeError(f"{self.name} is not running")
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, fut))
+        return await fut
+
+    async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not live:
+                continue
+            try:
+                results = await self._process([item for item, _ in live])
+            except asyncio.CancelledError:
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(RuntimeError(f"{self.name} is shutting down"))
+                raise
+            except Exception as exc:  # one failure answers the whole batch
+                log.exception("%s: batch of %d failed", self.name, len(live))
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            self.batches += 1
+            self.items += len(live)
+            for (_, fut), result in zip(live, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)

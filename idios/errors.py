@@ -1,0 +1,179 @@
+"""Every error the service answers with: an HTTP status and a stable machine-readable type."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class IdiosError(Exception):
+    """Base error. `status` is the HTTP status; `type` is stable for clients to branch on."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def to_body(self) -> Any:
+        return {"detail": self.message, "type": self.type, **self.extra}
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data, so the error can cross a queue (never pickled code)."""
+        return {"type": self.type, "status": self.status, "message": self.message, "extra": self.extra}
+
+
+class FieldError(IdiosError):
+    """A 422 about one input field, in the shape of FastAPI's validation errors."""
+
+    status = 422
+    type = "value_error"
+    loc: tuple[str | int, ...] = ("body", "url")
+
+    def __init__(self, message: str, loc: tuple[str | int, ...] | None = None, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        if loc is not None:
+            self.loc = loc
+
+    def to_body(self) -> Any:
+        return {"detail": [{"loc": list(self.loc), "msg": self.message, "type": self.type}]}
+
+    def to_data(self) -> dict[str, Any]:
+        data = super().to_data()
+        data["extra"] = {**self.extra, "loc": list(self.loc)}
+        return data
+
+
+class RequestInvalid(IdiosError):
+    """A request that failed validation; carries a list of FastAPI-style error items."""
+
+    status = 422
+    type = "validation_error"
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(str(e.get("msg")) for e in errors))
+        self.errors = errors
+
+    def to_body(self) -> Any:
+        return {"detail": self.errors}
+
+
+class ImageError(FieldError):
+    """The image behind a URL (or an upload) cannot be used."""
+
+    type = "image_error"
+
+
+class ImageUnreachable(ImageError):
+    type = "image_unreachable"
+
+
+class ImageTimeout(ImageError):
+    type = "image_timeout"
+
+
+class ImageHttpError(ImageError):
+    type = "image_http_error"
+
+
+class TooManyRedirects(ImageError):
+    type = "image_too_many_redirects"
+
+
+class PrivateAddress(ImageError):
+    type = "private_address"
+
+
+class ImageTooLarge(ImageError):
+    type = "image_too_large"
+
+
+class NotAnImage(ImageError):
+    type = "not_an_image"
+
+
+class ImageTooSmall(ImageError):
+    type = "image_too_small"
+
+
+class InvalidUrl(FieldError):
+    type = "value_error.url"
+
+
+class TextNotSupported(FieldError):
+    type = "text_not_supported"
+    loc = ("body", "text")
+
+
+class DimensionMismatch(FieldError):
+    type = "value_error.dimension"
+    loc = ("body", "embedding")
+
+
+class ModelNotFound(IdiosError):
+    status = 404
+    type = "model_not_found"
+
+
+class AlreadyInserted(IdiosError):
+    status = 409
+    type = "already_inserted"
+
+    def __init__(self) -> None:
+        super().__init__("Image already inserted")
+
+
+class NotFound(IdiosError):
+    status = 404
+    type = "not_found"
+
+
+class PayloadTooLarge(IdiosError):
+    status = 413
+    type = "payload_too_large"
+
+
+class UnsupportedMediaType(IdiosError):
+    status = 415
+    type = "unsupported_media_type"
+
+
+class JobTimeout(IdiosError):
+    status = 504
+    type = "job_timeout"
+
+
+class Unavailable(IdiosError):
+    status = 503
+    type = "unavailable"
+
+
+class WorkerFailure(IdiosError):
+    status = 500
+    type = "worker_error"
+
+
+def _all_subclasses(cls: type[IdiosError]) -> list[type[IdiosError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_TYPE: dict[str, type[IdiosError]] = {}
+
+
+def from_data(data: dict[str, Any]) -> IdiosError:
+    """Rebuild an error that crossed the queue as data; unknown types become a WorkerFailure."""
+    if not _BY_TYPE:
+        _BY_TYPE.update({c.type: c for c in _all_subclasses(IdiosError) if c not in (RequestInvalid, AlreadyInserted)})
+    cls = _BY_TYPE.get(str(data.get("type")), WorkerFailure)
+    extra = dict(data.get("extra") or {})
+    message = str(data.get("message", "worker error"))
+    if data.get("type") == AlreadyInserted.type:
+        return AlreadyInserted()
+    if issubclass(cls, FieldError):
+        loc = extra.pop("loc", None)
+        return cls(message, loc=tuple(loc) if loc else None, **extra)
+    return cls(message, **extra)

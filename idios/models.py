@@ -1,0 +1,102 @@
+"""Model folders: each folder under models/ with a manifest.json is a model the service serves."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TextTower:
+    file: Path
+    tokenizer: Path
+    context_length: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a manifest says about a model: enough to preprocess, run and store its embeddings."""
+
+    name: str
+    dim: int
+    image_size: int
+    resize: str  # "shortest": resize the short side then centre-crop; "squash": resize to a square
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    visual: Path
+    text: TextTower | None
+    random_weights: bool
+    raw: dict[str, Any]
+
+    @property
+    def collection(self) -> str:
+        return f"idios_{self.name}"
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None
+
+
+def load_manifest(folder: Path) -> ModelSpec:
+    """Parse and check one model folder's manifest."""
+    raw = orjson.loads((folder / MANIFEST).read_bytes())
+    name = str(raw.get("name", folder.name))
+    if not NAME_RE.match(name):
+        raise ValueError(f"{folder}: model name {name!r} must match {NAME_RE.pattern}")
+    visual = folder / raw["visual"]["file"]
+    if not visual.is_file():
+        raise ValueError(f"{folder}: visual tower {visual.name} is missing")
+    text = None
+    if raw.get("text"):
+        t = raw["text"]
+        text = TextTower(folder / t["file"], folder / t["tokenizer"], int(t.get("context_length", 77)))
+        if not text.file.is_file() or not text.tokenizer.is_file():
+            raise ValueError(f"{folder}: text tower or tokenizer file is missing")
+    resize = str(raw.get("resize", "shortest"))
+    if resize not in ("shortest", "squash"):
+        raise ValueError(f"{folder}: resize must be 'shortest' or 'squash'")
+    mean, std = tuple(float(x) for x in raw["mean"]), tuple(float(x) for x in raw["std"])
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{folder}: mean and std need 3 values")
+    return ModelSpec(
+        name=name,
+        dim=int(raw["dim"]),
+        image_size=int(raw["image_size"]),
+        resize=resize,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        visual=visual,
+        text=text,
+        random_weights=bool(raw.get("random_weights", False)),
+        raw=raw,
+    )
+
+
+def discover(models_dir: Path) -> dict[str, ModelSpec]:
+    """Every valid model under `models_dir`, by name; broken folders are logged and skipped."""
+    specs: dict[str, ModelSpec] = {}
+    if not models_dir.is_dir():
+        return specs
+    for folder in sorted(p for p in models_dir.iterdir() if (p / MANIFEST).is_file()):
+        try:
+            spec = load_manifest(folder)
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            log.error("skipping model folder %s: %s", folder, exc)
+            continue
+        if spec.name in specs:
+            log.error("skipping %s: model name %s is already taken", folder, spec.name)
+            continue
+        if spec.random_weights:
+            log.warning("MODEL %s HAS RANDOM WEIGHTS: its embeddings are meaningless outside tests/benchmarks", spec.name)
+        specs[spec.name] = spec
+    return specs

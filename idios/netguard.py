@@ -1,0 +1,59 @@
+"""Which addresses an image fetch may connect to, checked on the address actually dialled."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class BlockedAddress(OSError):
+    """Raised by the resolver when every address of a host is private; aiohttp wraps it as `os_error`."""
+
+
+def is_public(ip: IPAddress) -> bool:
+    """True for globally routable unicast addresses (not loopback, private, link-local, metadata, multicast...)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The IP address a URL host spells, if it spells one (aiohttp connects to those without resolving)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves names and drops every non-public address, so the connection is pinned to checked addresses.
+
+    aiohttp connects only to what the resolver returns, so a second DNS answer cannot slip in between the
+    check and the connect.
+    """
+
+    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
+        self._allow_private = allow_private
+        self._inner = inner or DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if self._allow_private:
+            return results
+        allowed = [r for r in results if is_public(ipaddress.ip_address(r["host"]))]
+        if not allowed:
+            raise BlockedAddress(f"{host} resolves only to private or reserved addresses")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def describe(results: list[dict[str, Any]]) -> str:
+    return ", ".join(str(r.get("host")) for r in results)

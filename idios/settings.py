@@ -1,0 +1,120 @@
+"""Service settings: read once from the environment (and flags) in main(), then passed down."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in _TRUE
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of the service. Each field maps to the environment variable IDIOS_<NAME>."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address the HTTP API binds to"})
+    port: int = field(default=4213, metadata={"help": "HTTP API port"})
+    data_dir: Path = field(default=Path("data"), metadata={"help": "folder for the Milvus Lite file and other state"})
+    models_dir: Path = field(default=Path("models"), metadata={"help": "folder holding one sub-folder per model"})
+    amqp_url: str | None = field(default=None, metadata={"help": "RabbitMQ URL; unset = in-process job bus"})
+    milvus_uri: str | None = field(
+        default=None, metadata={"help": "Milvus server URI (http://host:19530); unset = Milvus Lite in data_dir"}
+    )
+    milvus_token: str | None = field(default=None, metadata={"help": "Milvus token (user:password or API key)"})
+    milvus_timeout: float = field(default=30.0, metadata={"help": "seconds allowed for one Milvus call"})
+    index_type: str = field(
+        default="", metadata={"help": "vector index: FLAT/IVF_FLAT on Milvus Lite, HNSW on a server (empty = auto)"}
+    )
+    max_batch: int = field(default=16, metadata={"help": "images per model run"})
+    max_wait_ms: float = field(default=10.0, metadata={"help": "longest wait to fill a model batch"})
+    write_batch: int = field(default=512, metadata={"help": "rows per Milvus upsert"})
+    write_wait_ms: float = field(default=20.0, metadata={"help": "longest wait to fill a Milvus write batch"})
+    fetch_concurrency: int = field(default=32, metadata={"help": "concurrent image downloads"})
+    fetch_timeout: float = field(default=20.0, metadata={"help": "seconds for one whole image download"})
+    connect_timeout: float = field(default=5.0, metadata={"help": "seconds to connect to an image host"})
+    max_redirects: int = field(default=5, metadata={"help": "redirects followed per image"})
+    max_image_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "largest image download"})
+    max_image_pixels: int = field(default=100_000_000, metadata={"help": "largest declared image area"})
+    min_image_side: int = field(default=150, metadata={"help": "smallest accepted image side, pixels"})
+    max_image_side: int = field(default=1000, metadata={"help": "images are downscaled to this side first"})
+    decode_threads: int = field(default=2, metadata={"help": "threads decoding images"})
+    onnx_threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads (0 = all cores)"})
+    max_in_flight: int = field(default=256, metadata={"help": "jobs a worker holds at once"})
+    job_timeout: float = field(default=120.0, metadata={"help": "seconds before a job is answered 504"})
+    max_request_bytes: int = field(default=256 * 1024 * 1024, metadata={"help": "largest request body"})
+    max_bulk_items: int = field(default=10_000, metadata={"help": "most items in one add_bulk or restore"})
+    allow_private_urls: bool = field(
+        default=False, metadata={"help": "allow image URLs resolving to loopback/private/link-local addresses"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from IDIOS_* variables; explicit overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"IDIOS_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def milvus_target(self) -> str:
+        """The URI handed to pymilvus: a server URI, or the Milvus Lite file in the data folder."""
+        return self.milvus_uri or str(self.data_dir / "milvus.db")
+
+    @property
+    def is_milvus_lite(self) -> bool:
+        return self.milvus_uri is None or not self.milvus_uri.startswith(("http://", "https://", "tcp://"))
+
+    @property
+    def vector_index(self) -> str:
+        if self.index_type:
+            return self.index_type.upper()
+        return "FLAT" if self.is_milvus_lite else "HNSW"
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            return _bool(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError as exc:
+        raise SystemExit(f"IDIOS_{f.name.upper()}={raw!r}: {exc}") from None
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per setting, documented with its environment variable and default."""
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (env IDIOS_{f.name.upper()}, default: {f.default})"
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            conv = {"int": int, "float": float, "Path": Path}.get(kind, str)
+            parser.add_argument(flag, dest=f.name, type=conv, default=None, help=help_text)
+
+
+def from_args(namespace: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment, overridden by any flag given on the command line."""
+    names = {f.name for f in fields(Settings)}
+    return Settings.from_env(environ, **{k: v for k, v in vars(namespace).items() if k in names})

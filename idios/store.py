@@ -1,0 +1,190 @@
+"""The write actor's tool and the read side: one Milvus collection per model, through AsyncMilvusClient."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pymilvus import AsyncMilvusClient, DataType, MilvusClient
+
+from idios import errors
+from idios.filters import url_after, url_in
+from idios.models import ModelSpec
+from idios.settings import Settings
+
+log = logging.getLogger(__name__)
+
+URL_MAX = 2083
+QUERY_WINDOW = 16384  # Milvus caps offset + limit of one query
+
+
+@dataclass(frozen=True)
+class Row:
+    url: str
+    embedding: np.ndarray
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Hit:
+    url: str
+    metadata: dict[str, Any] | None
+    similarity: float
+
+
+# Milvus Lite 2.5.1 deletes rows through SQLite with the primary key pasted in single quotes, unescaped, so
+# a url holding ' cannot be deleted or upserted there (verified: "near c: syntax error"). On Milvus Lite the
+# stored key spells ' as DEL (0x7f), a character a valid url never holds (the API refuses control characters),
+# so the mapping is one-to-one. Only paging order can differ from plain string order, and only for such urls.
+_QUOTE, _STANDIN = "'", "\x7f"
+
+
+def similarity(cosine: float) -> float:
+    """Cosine → 0..100 (100 = identical); equal to the original's 100·(1 − d/2) on squared L2 of unit vectors."""
+    return float(min(100.0, max(0.0, 100.0 * cosine)))
+
+
+class CollectionStore:
+    """Reads and writes the per-model collections. Upserts by url make repeated writes safe."""
+
+    def __init__(self, settings: Settings, specs: dict[str, ModelSpec]) -> None:
+        self._settings = settings
+        self._specs = specs
+        self._client: AsyncMilvusClient | None = None
+        self._swap_quotes = settings.is_milvus_lite
+
+    def _key(self, url: str) -> str:
+        return url.replace(_QUOTE, _STANDIN) if self._swap_quotes else url
+
+    def _url(self, key: str) -> str:
+        return key.replace(_STANDIN, _QUOTE) if self._swap_quotes else key
+
+    async def __aenter__(self) -> CollectionStore:
+        s = self._settings
+        if s.is_milvus_lite:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+        # Collections are created with the synchronous client: it is a one-off at start-up, and its
+        # create/has/load calls are the ones Milvus Lite documents.
+        # The sync client stays open until close: with Milvus Lite it owns the embedded server process.
+        self._sync = MilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout)
+        for spec in self._specs.values():
+            self._ensure_collection(self._sync, spec)
+        self._client = AsyncMilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        self._sync.close()
+
+    def _ensure_collection(self, client: MilvusClient, spec: ModelSpec) -> None:
+        name = spec.collection
+        if client.has_collection(name):
+            dim = self._stored_dim(client, name)
+            if dim is not None and dim != spec.dim:
+                raise RuntimeError(f"collection {name} holds {dim}-d vectors but model {spec.name} makes {spec.dim}-d")
+        else:
+            schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("url", DataType.VARCHAR, is_primary=True, max_length=URL_MAX)
+            schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=spec.dim)
+            schema.add_field("metadata", DataType.JSON)
+            index = client.prepare_index_params()
+            index.add_index("embedding", **self._index_args())
+            try:
+                client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+                log.info("created collection %s (%s, dim %d)", name, self._settings.vector_index, spec.dim)
+            except Exception:
+                if not client.has_collection(name):  # another process may have won the race
+                    raise
+        client.load_collection(name)
+
+    def _index_args(self) -> dict[str, Any]:
+        kind = self._settings.vector_index
+        params: dict[str, Any] = {}
+        if kind == "HNSW":
+            params = {"M": 16, "efConstruction": 200}
+        elif kind == "IVF_FLAT":
+            params = {"nlist": 1024}
+        return {"index_type": kind, "metric_type": "COSINE", "params": params}
+
+    @staticmethod
+    def _stored_dim(client: MilvusClient, name: str) -> int | None:
+        for field in client.describe_collection(name).get("fields", []):
+            if field.get("name") == "embedding":
+                return int(field.get("params", {}).get("dim", 0)) or None
+        return None
+
+    @property
+    def client(self) -> AsyncMilvusClient:
+        if self._client is None:
+            raise errors.Unavailable("the vector store is not open")
+        return self._client
+
+    def _collection(self, model: str) -> str:
+        return self._specs[model].collection
+
+    async def upsert(self, model: str, rows: Sequence[Row]) -> int:
+        """Write rows (insert or replace by url), in chunks Milvus handles well."""
+        name = self._collection(model)
+        step = max(1, min(self._settings.write_batch, 1000))
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            data = [
+                {"url": self._key(r.url), "embedding": np.asarray(r.embedding, dtype=np.float32), "metadata": r.metadata or {}}
+                for r in chunk
+            ]
+            await self.client.upsert(name, data)
+        return len(rows)
+
+    async def existing(self, model: str, urls: Sequence[str]) -> set[str]:
+        """Which of `urls` are stored."""
+        found: set[str] = set()
+        for start in range(0, len(urls), 1000):
+            chunk = urls[start : start + 1000]
+            expr = url_in([self._key(u) for u in chunk])
+            res = await self.client.query(self._collection(model), filter=expr, output_fields=["url"])
+            found.update(self._url(r["url"]) for r in res)
+        return found
+
+    async def embedding_of(self, model: str, url: str) -> np.ndarray | None:
+        expr = url_in([self._key(url)])
+        res = await self.client.query(self._collection(model), filter=expr, output_fields=["embedding"])
+        return np.asarray(res[0]["embedding"], dtype=np.float32) if res else None
+
+    async def search(
+        self, model: str, vector: np.ndarray, limit: int, expr: str = "", min_similarity: float | None = None
+    ) -> list[Hit]:
+        res = await self.client.search(
+            self._collection(model),
+            data=[np.asarray(vector, dtype=np.float32).tolist()],
+            limit=limit,
+            filter=expr,
+            output_fields=["url", "metadata"],
+            search_params={"metric_type": "COSINE"},
+        )
+        hits = [Hit(self._url(h["entity"]["url"]), h["entity"].get("metadata"), similarity(h["distance"])) for h in res[0]]
+        if min_similarity is not None:
+            hits = [h for h in hits if h.similarity >= min_similarity]
+        return hits
+
+    async def count(self, model: str) -> int:
+        res = await self.client.query(self._collection(model), filter="", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    async def page(self, model: str, cursor: str | None, limit: int, with_data: bool) -> list[dict[str, Any]]:
+        """Rows with url > cursor in url order. Milvus returns a limited query merged in primary-key order."""
+        fields = ["url", "embedding", "metadata"] if with_data else ["url"]
+        limit = min(limit, QUERY_WINDOW)
+        expr = url_after(self._key(cursor) if cursor else None) or 'url >= ""'
+        res = await self.client.query(self._collection(model), filter=expr, output_fields=fields, limit=limit)
+        rows = sorted(res, key=lambda r: r["url"])
+        for row in rows:
+            row["url"] = self._url(row["url"])
+        return rows
+
+    async def remove(self, model: str, url: str) -> None:
+        await self.client.delete(self._collection(model), filter=url_in([self._key(url)]))

@@ -1,0 +1,86 @@
+"""Fixtures: a real image server on loopback, real model folders, and the embedded service on a real port."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from idios.api.app import create_app
+from idios.api.backend import BACKEND, Backend, embedded_backend
+from idios.settings import Settings
+from tests.imagekit import image_server
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_thumb_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed thumb_grid model plus thumb_text, the same with a toy text tower."""
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(ROOT / "models" / "thumb_grid", root / "thumb_grid")
+    make_thumb_model.build(root / "thumb_text", name="thumb_text", text=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+async def images() -> AsyncIterator[str]:
+    async with image_server() as base:
+        yield base
+
+
+@dataclass
+class Service:
+    url: str
+    app: web.Application
+    http: aiohttp.ClientSession
+
+    @property
+    def backend(self) -> Backend:
+        return self.app[BACKEND]
+
+    def model(self, name: str) -> str:
+        return f"{self.url}/models/{name}"
+
+
+@asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[Service]:
+    """The embedded service (API + worker + Milvus Lite) listening on a free loopback port."""
+    app = create_app(settings, embedded_backend)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+            yield Service(f"http://127.0.0.1:{port}", app, http)
+    finally:
+        await runner.cleanup()
+
+
+def make_settings(tmp: Path, models: Path, **kw: object) -> Settings:
+    return Settings(data_dir=tmp, models_dir=models, allow_private_urls=True, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def service(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> AsyncIterator[Service]:
+    async with running_service(make_settings(tmp_path_factory.mktemp("data"), models_dir)) as svc:
+        yield svc
+
+
+@pytest.fixture
+def uniq() -> str:
+    """A fresh path segment so each test's URLs are its own in the shared collections."""
+    return uuid.uuid4().hex[:12]

@@ -1,0 +1,61 @@
+"""The micro-batcher flushes on size or on time, answers each caller, and fails a broken batch clearly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from idios.batcher import MicroBatcher
+
+
+async def test_flushes_full_batches_then_the_rest_after_max_wait() -> None:
+    seen: list[list[int]] = []
+
+    async def double(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        return [2 * i for i in items]
+
+    async with MicroBatcher("t", double, max_batch=4, max_wait=0.05) as b:
+        out = await asyncio.gather(*(b.submit(i) for i in range(10)))
+    assert out == [2 * i for i in range(10)]
+    assert [len(s) for s in seen] == [4, 4, 2]
+
+
+async def test_a_lone_item_waits_at_most_max_wait() -> None:
+    async def ident(items: list[int]) -> list[int]:
+        return items
+
+    async with MicroBatcher("t", ident, max_batch=64, max_wait=0.02) as b:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await b.submit(1) == 1
+        assert loop.time() - start < 1.0
+
+
+async def test_a_failing_batch_fails_each_of_its_callers() -> None:
+    async def boom(items: list[int]) -> list[int]:
+        raise ValueError("model exploded")
+
+    async with MicroBatcher("t", boom, max_batch=8, max_wait=0.01) as b:
+        results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in results)
+        # the actor survives a failed batch
+        with pytest.raises(ValueError):
+            await b.submit(4)
+
+
+async def test_close_fails_waiting_callers_instead_of_hanging() -> None:
+    release = asyncio.Event()
+
+    async def slow(items: list[int]) -> list[int]:
+        await release.wait()
+        return items
+
+    b = MicroBatcher("t", slow, max_batch=1, max_wait=0)
+    await b.__aenter__()
+    first = asyncio.create_task(b.submit(1))
+    await asyncio.sleep(0.01)
+    await b.close()
+    with pytest.raises(RuntimeError):
+        await first

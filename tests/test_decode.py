@@ -1,0 +1,108 @@
+"""Decoding real image bytes of every common kind, and refusing what is not a usable image."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from idios import errors
+from idios.decode import DecodeLimits, load_rgb, preprocess
+from idios.models import load_manifest
+from tests.conftest import ROOT
+from tests.imagekit import encode, picture
+
+LIMITS = DecodeLimits()
+SPEC = load_manifest(ROOT / "models" / "thumb_grid")
+
+
+def embed_like(data: bytes) -> np.ndarray:
+    x = preprocess(data, SPEC, LIMITS)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32
+    return x
+
+
+def close(a: np.ndarray, b: np.ndarray, tol: float = 0.05) -> bool:
+    return float(np.abs(a - b).mean()) < tol
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "LA", "I;16"])
+def test_modes_are_converted(mode: str) -> None:
+    base = picture("modes")
+    if mode == "I;16":
+        im = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+        data = encode(im, "PNG")
+    elif mode == "CMYK":
+        data = encode(base.convert("CMYK"), "JPEG", quality=95)
+    else:
+        data = encode(base.convert(mode), "PNG")
+    x = embed_like(data)
+    assert np.isfinite(x).all()
+
+
+def test_palette_with_transparency() -> None:
+    im = picture("pal").convert("P")
+    im.info["transparency"] = 0
+    embed_like(encode(im, "PNG", transparency=0))
+
+
+def test_exif_rotation_is_applied() -> None:
+    upright = picture("exif", (480, 640))
+    stored = upright.rotate(90, expand=True)  # what a camera writes; orientation 6 says "rotate 270 to view"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    assert close(embed_like(rotated), embed_like(encode(upright, "JPEG", quality=95)))
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    frames = [picture("gif1").convert("P"), picture("gif2").convert("P")]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    first = embed_like(encode(frames[0], "GIF"))
+    assert close(embed_like(buf.getvalue()), first, tol=1e-3)
+
+
+def test_jpeg_draft_decoding_stays_close_to_a_full_decode() -> None:
+    data = encode(picture("big", (2400, 1800)), "JPEG", quality=92)
+    fast = embed_like(data)
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    full.thumbnail((1000, 1000), Image.Resampling.BICUBIC)
+    from idios.decode import to_tensor
+
+    assert close(fast, to_tensor(full, SPEC), tol=0.03)
+
+
+def test_large_images_are_downscaled_first() -> None:
+    im = load_rgb(encode(picture("huge", (3000, 1500)), "PNG"), 224, LIMITS)
+    assert max(im.size) == 1000
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width×height but carries almost no data: a decompression bomb's calling card."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", errors.NotAnImage),
+        (b"<html><body>hello</body></html>", errors.NotAnImage),
+        (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="500" height="500"></svg>',
+         errors.NotAnImage),
+        (encode(picture("t"), "JPEG")[:2000], errors.NotAnImage),
+        (encode(picture("small", (149, 600)), "PNG"), errors.ImageTooSmall),
+        (png_header(50_000, 50_000), errors.ImageTooLarge),
+    ],
+    ids=["empty", "html", "svg", "truncated-jpeg", "too-small", "bomb"],
+)
+def test_unusable_images_are_refused(data: bytes, error: type[errors.IdiosError]) -> None:
+    with pytest.raises(error) as info:
+        preprocess(data, SPEC, LIMITS)
+    assert info.value.status == 422 and info.value.message

@@ -1,0 +1,73 @@
+"""Private addresses are refused by default; `python -m idios serve` runs the whole service as users start it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from idios.settings import Settings
+from tests.conftest import ROOT, running_service
+
+
+async def test_private_addresses_are_refused_by_default(tmp_path: Path, models_dir: Path, images: str) -> None:
+    settings = Settings.from_env({}, data_dir=tmp_path, models_dir=models_dir)
+    assert settings.allow_private_urls is False
+    port = images.rsplit(":", 1)[1]
+    async with running_service(settings) as svc:
+        for url in (f"{images}/img/a.jpg", f"http://localhost:{port}/img/a.jpg", f"http://[::1]:{port}/img/a.jpg",
+                    "http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/a.jpg"):
+            async with svc.http.post(svc.model("thumb_grid") + "/add", json={"url": url}) as resp:
+                body = await resp.json()
+                assert resp.status == 422, url
+                assert body["detail"][0]["type"] == "private_address", (url, body)
+        async with svc.http.get(svc.model("thumb_grid") + "/count") as resp:
+            assert await resp.json() == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(120)
+async def test_serve_command_end_to_end(tmp_path: Path, models_dir: Path, images: str) -> None:
+    port = free_port()
+    env = {**os.environ, "IDIOS_DATA_DIR": str(tmp_path / "data"), "IDIOS_MODELS_DIR": str(models_dir),
+           "IDIOS_ALLOW_PRIVATE_URLS": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "idios", "serve", "--port", str(port), cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            for _ in range(300):
+                try:
+                    async with http.get(base + "/ping?rpc=1") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the service did not answer /ping")
+            url = f"{images}/img/cli.jpg"
+            async with http.post(f"{base}/models/thumb_text/add", json={"url": url, "metadata": {"a": 1}}) as resp:
+                assert resp.status == 204
+            async with http.post(f"{base}/models/thumb_text/search", json={"url": url, "limit": 1}) as resp:
+                hits = await resp.json()
+                assert hits == [{"url": url, "metadata": {"a": 1}, "similarity": pytest.approx(100, abs=0.01)}]
+            async with http.get(f"{base}/models/thumb_text/count") as resp:
+                assert await resp.json() == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+    assert b"Traceback" not in out, out.decode(errors="replace")[-2000:]
