@@ -9,7 +9,7 @@ import sys
 from aiohttp import web
 
 from idios.api.app import create_app
-from idios.api.backend import embedded_backend
+from idios.api.backend import distributed_backend, embedded_backend, require_distributed
 from idios.settings import Settings, add_arguments, from_args
 
 
@@ -22,6 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the embedded service. Every flag can also be set with its IDIOS_* environment variable.",
     )
     add_arguments(serve)
+    api = commands.add_parser(
+        "api", help="the stateless HTTP API of the distributed deployment (needs IDIOS_AMQP_URL, IDIOS_MILVUS_URI)"
+    )
+    add_arguments(api)
+    worker = commands.add_parser(
+        "worker", help="a worker of the distributed deployment (needs IDIOS_AMQP_URL, IDIOS_MILVUS_URI)"
+    )
+    add_arguments(worker)
     return parser
 
 
@@ -37,10 +45,19 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = from_args(args)
     configure_logging(settings)
-    if args.command == "serve":
-        app = create_app(settings, embedded_backend)
-        web.run_app(app, host=settings.host, port=settings.port, access_log=None,
-                    print=lambda msg: logging.getLogger("idios").info(msg.strip()))
+    if args.command == "worker":
+        import asyncio
+
+        from idios.workerproc import run_worker
+
+        asyncio.run(run_worker(settings))
+        return
+    if args.command == "api":
+        require_distributed(settings)
+    factory = embedded_backend if args.command == "serve" else distributed_backend
+    app = create_app(settings, factory)
+    web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+                print=lambda msg: logging.getLogger("idios").info(msg.strip()))
 
 
 if __name__ == "__main__":

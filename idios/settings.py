@@ -26,6 +26,11 @@ class Settings:
     data_dir: Path = field(default=Path("data"), metadata={"help": "folder for the Milvus Lite file and other state"})
     models_dir: Path = field(default=Path("models"), metadata={"help": "folder holding one sub-folder per model"})
     amqp_url: str | None = field(default=None, metadata={"help": "RabbitMQ URL; unset = in-process job bus"})
+    queue_prefix: str = field(default="idios", metadata={"help": "prefix of every RabbitMQ queue Idios declares"})
+    prefetch: int = field(default=0, metadata={"help": "AMQP prefetch per worker (0 = 4 x max_batch)"})
+    max_attempts: int = field(default=3, metadata={"help": "tries of a job that fails transiently before dead-lettering"})
+    drain_timeout: float = field(default=30.0, metadata={"help": "seconds a stopping worker finishes what it holds"})
+    health_port: int = field(default=4214, metadata={"help": "worker health endpoint port (0 = off)"})
     milvus_uri: str | None = field(
         default=None, metadata={"help": "Milvus server URI (http://host:19530); unset = Milvus Lite in data_dir"}
     )
@@ -77,6 +82,10 @@ class Settings:
     @property
     def is_milvus_lite(self) -> bool:
         return self.milvus_uri is None or not self.milvus_uri.startswith(("http://", "https://", "tcp://"))
+
+    @property
+    def worker_prefetch(self) -> int:
+        return self.prefetch or 4 * max(1, self.max_batch)
 
     @property
     def vector_index(self) -> str:

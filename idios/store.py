@@ -55,6 +55,7 @@ class CollectionStore:
         self._specs = specs
         self._client: AsyncMilvusClient | None = None
         self._swap_quotes = settings.is_milvus_lite
+        self.index_kind = settings.vector_index
 
     def _key(self, url: str) -> str:
         return url.replace(_QUOTE, _STANDIN) if self._swap_quotes else url
@@ -70,6 +71,10 @@ class CollectionStore:
         # create/has/load calls are the ones Milvus Lite documents.
         # The sync client stays open until close: with Milvus Lite it owns the embedded server process.
         self._sync = MilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout)
+        if not s.is_milvus_lite and self._serves_lite_engine(self._sync):
+            log.warning("%s is a Milvus Lite server: FLAT index and quote-safe keys", s.milvus_target)
+            self._swap_quotes = True
+            self.index_kind = s.index_type.upper() or "FLAT"
         for spec in self._specs.values():
             self._ensure_collection(self._sync, spec)
         self._client = AsyncMilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout)
@@ -96,14 +101,28 @@ class CollectionStore:
             index.add_index("embedding", **self._index_args())
             try:
                 client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
-                log.info("created collection %s (%s, dim %d)", name, self._settings.vector_index, spec.dim)
+                log.info("created collection %s (%s, dim %d)", name, self.index_kind, spec.dim)
             except Exception:
                 if not client.has_collection(name):  # another process may have won the race
                     raise
         client.load_collection(name)
 
+    @staticmethod
+    def _serves_lite_engine(client: MilvusClient) -> bool:
+        """Milvus Lite's own gRPC server (milvus_lite.server.Server with an address) lacks GetVersion."""
+        quiet = logging.getLogger("pymilvus.decorators")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # the expected failure would be logged with a traceback
+        try:
+            client.get_server_version()
+        except Exception as exc:  # pymilvus wraps the gRPC status in several ways
+            return "UNIMPLEMENTED" in repr(exc) or "UNIMPLEMENTED" in str(getattr(exc, "message", ""))
+        finally:
+            quiet.setLevel(level)
+        return False
+
     def _index_args(self) -> dict[str, Any]:
-        kind = self._settings.vector_index
+        kind = self.index_kind
         params: dict[str, Any] = {}
         if kind == "HNSW":
             params = {"M": 16, "efConstruction": 200}

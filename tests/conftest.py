@@ -74,10 +74,20 @@ def make_settings(tmp: Path, models: Path, **kw: object) -> Settings:
     return Settings(data_dir=tmp, models_dir=models, allow_private_urls=True, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
-async def service(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> AsyncIterator[Service]:
-    async with running_service(make_settings(tmp_path_factory.mktemp("data"), models_dir)) as svc:
-        yield svc
+@pytest.fixture(scope="session", params=["embedded", "amqp"])
+async def service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> AsyncIterator[Service]:
+    """The API under test: `embedded` (one process) and `amqp` (API + 2 worker processes over RabbitMQ)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "embedded":
+        async with running_service(make_settings(tmp, models_dir)) as svc:
+            yield svc
+    else:
+        from tests.distributed import distributed
+
+        async with distributed(tmp, models_dir, workers=2) as (svc, _, _):
+            yield svc
 
 
 @pytest.fixture

@@ -88,6 +88,7 @@ async def image_server(blobs: dict[str, bytes] | None = None) -> AsyncIterator[s
     /redirect/{key}       302 to /img/{key}
     /not-an-image         HTML served as image/jpeg
     /blob/{name}          fixed bytes given by the test
+    /slow/{key}           /img/{key} after ?delay= seconds
     anything else         404
     """
     app = web.Application()
@@ -97,6 +98,7 @@ async def image_server(blobs: dict[str, bytes] | None = None) -> AsyncIterator[s
     app.router.add_get("/redirect/{key:.+}", _redirect)
     app.router.add_get("/not-an-image", _text)
     app.router.add_get("/blob/{name}", _blob)
+    app.router.add_get("/slow/{key:.+}", _slow)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -106,3 +108,11 @@ async def image_server(blobs: dict[str, bytes] | None = None) -> AsyncIterator[s
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+async def _slow(request: web.Request) -> web.Response:
+    """A picture answered after ?delay= seconds: keeps jobs in flight while a test breaks something."""
+    import asyncio
+
+    await asyncio.sleep(float(request.query.get("delay", "1")))
+    return await _image(request)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from idios.amqp import AmqpBus
 from idios.bus import JobBus, LocalBus
+from idios.consumer import JobConsumer
 from idios.models import ModelSpec, discover
 from idios.settings import Settings
 from idios.store import CollectionStore
@@ -29,9 +31,36 @@ REQUEST_ID = web.RequestKey("request_id", str)
 
 @asynccontextmanager
 async def embedded_backend(settings: Settings) -> AsyncIterator[Backend]:
-    """API and worker in one process: Milvus Lite (or a server), the worker's actors and an in-process bus."""
+    """API and worker in one process. Without IDIOS_AMQP_URL the bus is in-process; with it, jobs go through
+    RabbitMQ, so workers on other machines can share the load with this one."""
     specs = discover(settings.models_dir)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(CollectionStore(settings, specs))
         handler = await JobHandler.open(settings, specs, store, stack)
-        yield Backend(settings, specs, store, LocalBus(handler, settings.max_in_flight, settings.job_timeout))
+        bus: JobBus
+        if settings.amqp_url:
+            await stack.enter_async_context(JobConsumer(settings, handler))
+            bus = await stack.enter_async_context(AmqpBus(settings))
+        else:
+            bus = LocalBus(handler, settings.max_in_flight, settings.job_timeout)
+        yield Backend(settings, specs, store, bus)
+
+
+def require_distributed(settings: Settings) -> None:
+    """The split deployment needs a broker and a Milvus that every process can reach."""
+    if not settings.amqp_url:
+        raise SystemExit("idios api/worker need IDIOS_AMQP_URL (RabbitMQ); use `python -m idios serve` for one process")
+    if settings.is_milvus_lite:
+        raise SystemExit("idios api/worker need IDIOS_MILVUS_URI (a Milvus server shared by every process); "
+                         "a Milvus Lite file can only be opened by one process")
+
+
+@asynccontextmanager
+async def distributed_backend(settings: Settings) -> AsyncIterator[Backend]:
+    """The stateless API of the distributed deployment: manifests only (no ONNX), Milvus for reads, RabbitMQ."""
+    require_distributed(settings)
+    specs = discover(settings.models_dir)
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(CollectionStore(settings, specs))
+        bus = await stack.enter_async_context(AmqpBus(settings))
+        yield Backend(settings, specs, store, bus)

@@ -1,0 +1,64 @@
+"""`python -m idios worker`: the worker process of the distributed deployment, with a health endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+
+import orjson
+from aiohttp import web
+
+from idios.api.backend import require_distributed
+from idios.consumer import JobConsumer
+from idios.models import discover
+from idios.settings import Settings
+from idios.store import CollectionStore
+from idios.worker import JobHandler
+
+log = logging.getLogger(__name__)
+
+
+def health_app(consumer: JobConsumer, handler: JobHandler, store: CollectionStore) -> web.Application:
+    """GET /health: 200 when the broker connection is up and Milvus answers, else 503 with what is wrong."""
+
+    async def health(request: web.Request) -> web.Response:
+        milvus = True
+        try:
+            await asyncio.wait_for(store.client.list_collections(), 5)
+        except Exception:
+            milvus = False
+        body = {"status": "ok" if consumer.connected and milvus else "degraded", "broker": consumer.connected,
+                "milvus": milvus, "handled": consumer.handled,
+                "embed": {name: {"batches": rt.images.batches, "images": rt.images.items}
+                          for name, rt in handler.runtimes.items()}}
+        return web.Response(body=orjson.dumps(body), status=200 if body["status"] == "ok" else 503,
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    return app
+
+
+async def run_worker(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then stop consuming, drain within drain_timeout and exit."""
+    require_distributed(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    specs = discover(settings.models_dir)
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(CollectionStore(settings, specs))
+        handler = await JobHandler.open(settings, specs, store, stack)
+        consumer = await stack.enter_async_context(JobConsumer(settings, handler))
+        if settings.health_port:
+            runner = web.AppRunner(health_app(consumer, handler, store), access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, settings.host, settings.health_port).start()
+        log.info("worker ready: models %s", ", ".join(specs) or "(none)")
+        await stop.wait()
+        log.info("stopping: no new jobs, draining")
+    log.info("worker stopped")
