@@ -20,3 +20,12 @@ def test_environment_then_flags() -> None:
 def test_a_milvus_server_uri_switches_index_and_target() -> None:
     s = Settings.from_env({"IDIOS_MILVUS_URI": "http://milvus:19530"})
     assert not s.is_milvus_lite and s.milvus_target == "http://milvus:19530" and s.vector_index == "HNSW"
+
+
+def test_the_service_never_imports_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, idios.__main__, idios.api.app, idios.workerproc, idios.consumer, idios.amqp; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
