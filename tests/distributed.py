@@ -54,10 +54,29 @@ def milvus_server(folder: Path) -> Iterator[str]:
     server = Server(str(folder / "milvus.db"), address=f"127.0.0.1:{port}")
     if not server.init() or not server.start():
         raise RuntimeError("could not start the Milvus Lite server")
+    uri = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        wait_for_milvus(uri)
+        yield uri
     finally:
         server.stop()
+
+
+def wait_for_milvus(uri: str, timeout: float = 90) -> None:
+    """The server process is up before it listens; on a loaded machine that can take seconds."""
+    import time
+
+    from pymilvus import MilvusClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            MilvusClient(uri, timeout=5).close()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def settings_for(milvus_uri: str, prefix: str, models: Path, data: Path, **kw: object) -> Settings:
