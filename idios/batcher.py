@@ -22,7 +22,15 @@ class MicroBatcher(Generic[T, R]):
     The queue is bounded, so callers feel back-pressure when the batch function falls behind.
     """
 
-    def __init__(self, name: str, process: BatchFn[T, R], max_batch: int, max_wait: float, queue_size: int = 0):
+    def __init__(
+        self,
+        name: str,
+        process: BatchFn[T, R],
+        max_batch: int,
+        max_wait: float,
+        queue_size: int = 0,
+        observe: Callable[[int, float], None] | None = None,
+    ):
         self.name = name
         self._process = process
         self.max_batch = max(1, max_batch)
@@ -31,6 +39,7 @@ class MicroBatcher(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.items = 0
+        self._observe = observe
 
     async def __aenter__(self) -> MicroBatcher[T, R]:
         self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
@@ -87,6 +96,8 @@ class MicroBatcher(Generic[T, R]):
             live = [(item, fut) for item, fut in batch if not fut.cancelled()]
             if not live:
                 continue
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 results = await self._process([item for item, _ in live])
             except asyncio.CancelledError:
@@ -102,6 +113,8 @@ class MicroBatcher(Generic[T, R]):
                 continue
             self.batches += 1
             self.items += len(live)
+            if self._observe is not None:
+                self._observe(len(live), loop.time() - started)
             for (_, fut), result in zip(live, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)

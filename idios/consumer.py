@@ -90,12 +90,14 @@ class JobConsumer:
         if result.error is not None and result.error.get("type") in TRANSIENT:
             attempt = _attempt(message.headers)
             if attempt < self._settings.max_attempts:
-                log.warning("job %s attempt %d failed (%s); retrying", job.request_id, attempt, result.error["message"])
+                log.warning("job attempt %d failed (%s); retrying", attempt, result.error["message"],
+                            extra={"request_id": job.request_id})
                 await asyncio.sleep(RETRY_DELAY * attempt)
                 await self._republish(message, attempt + 1)
                 await message.ack()
                 return
-            log.error("job %s failed %d times; dead-lettered: %s", job.request_id, attempt, result.error["message"])
+            log.error("job failed %d times; dead-lettered: %s", attempt, result.error["message"],
+                      extra={"request_id": job.request_id})
             await self._reply(message, result)
             await message.reject(requeue=False)
             return

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from idios import errors
 from idios.batcher import MicroBatcher
+from idios.metrics import Metrics
 from idios.models import ModelSpec, TextTower
 from idios.settings import Settings
 
@@ -66,14 +67,15 @@ class TextEncoder:
 class ModelRuntime:
     """A loaded model: its towers and the batcher that groups images from many jobs into one run."""
 
-    def __init__(self, spec: ModelSpec, settings: Settings, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics) -> None:
         threads = settings.onnx_threads or os.cpu_count() or 1
         self.spec = spec
         self.visual = OnnxTower(spec.visual, threads)
         self.text = TextEncoder(spec.text, threads) if spec.text else None
         self._executor = executor
         self.images: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
-            f"embed-{spec.name}", self._run_images, settings.max_batch, settings.max_wait_ms / 1000
+            f"embed-{spec.name}", self._run_images, settings.max_batch, settings.max_wait_ms / 1000,
+            observe=metrics.batch_observer("embed", spec.name),
         )
 
     async def __aenter__(self) -> ModelRuntime:
@@ -99,11 +101,15 @@ class ModelRuntime:
 
 
 async def load_runtimes(
-    specs: dict[str, ModelSpec], settings: Settings, executor: ThreadPoolExecutor, stack: AsyncExitStack
+    specs: dict[str, ModelSpec],
+    settings: Settings,
+    executor: ThreadPoolExecutor,
+    stack: AsyncExitStack,
+    metrics: Metrics,
 ) -> dict[str, ModelRuntime]:
     """Load every model's sessions and start its batcher; the stack closes them."""
     runtimes = {}
     for name, spec in specs.items():
-        runtimes[name] = await stack.enter_async_context(ModelRuntime(spec, settings, executor))
+        runtimes[name] = await stack.enter_async_context(ModelRuntime(spec, settings, executor, metrics))
         log.info("model %s loaded (dim %d, text tower: %s)", name, spec.dim, spec.has_text)
     return runtimes

@@ -9,7 +9,8 @@ import aiohttp
 from yarl import URL
 
 from idios import errors
-from idios.netguard import BlockedAddress, GuardedResolver, is_public, literal_address
+from idios.netguard import AddressPolicy, BlockedAddress, GuardedResolver, literal_address
+from idios.metrics import Metrics
 from idios.settings import Settings
 
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -21,15 +22,17 @@ class ImageFetcher:
     """Downloads image bytes. The URL given stays the image's id; redirects are followed by hand so that
     every hop is checked against the private-address rule and counted."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._semaphore = asyncio.Semaphore(settings.fetch_concurrency)
         self._session: aiohttp.ClientSession | None = None
+        self._policy = AddressPolicy(settings.allow_private_urls, settings.private_allowlist)
 
     async def __aenter__(self) -> ImageFetcher:
         s = self._settings
         connector = aiohttp.TCPConnector(
-            resolver=GuardedResolver(s.allow_private_urls),
+            resolver=GuardedResolver(self._policy),
             limit=max(s.fetch_concurrency, 1),
             ttl_dns_cache=60,
         )
@@ -53,9 +56,13 @@ class ImageFetcher:
                 async with asyncio.timeout(self._settings.fetch_timeout):
                     return await self._follow(url)
             except TimeoutError:
+                self._metrics.fetch_failures.labels(errors.ImageTimeout.type).inc()
                 raise errors.ImageTimeout(
                     f"Image download took longer than {self._settings.fetch_timeout:g} s"
                 ) from None
+            except errors.IdiosError as exc:
+                self._metrics.fetch_failures.labels(exc.type).inc()
+                raise
 
     async def _follow(self, url: str) -> bytes:
         assert self._session is not None, "fetcher used outside its context"
@@ -73,7 +80,8 @@ class ImageFetcher:
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, BlockedAddress):
                     raise errors.PrivateAddress(
-                        f"{target.host} resolves to a private address; set IDIOS_ALLOW_PRIVATE_URLS=1 to allow it"
+                        f"{target.host} resolves to a private address; IDIOS_ALLOW_PRIVATE_URLS or "
+                        "IDIOS_PRIVATE_ALLOWLIST can allow it"
                     ) from None
                 raise errors.ImageUnreachable(f"Cannot connect to {target.host}: {exc.os_error}") from None
             except aiohttp.ClientError as exc:
@@ -84,9 +92,9 @@ class ImageFetcher:
         if target.scheme not in ("http", "https") or not target.host:
             raise errors.InvalidUrl(f"Redirected to a URL that is not http(s): {str(target)[:200]}")
         ip = literal_address(target.host)
-        if ip is not None and not self._settings.allow_private_urls and not is_public(ip):
+        if ip is not None and not self._policy.permits(ip):
             raise errors.PrivateAddress(
-                f"{target.host} is a private address; set IDIOS_ALLOW_PRIVATE_URLS=1 to allow it"
+                f"{target.host} is a private address; IDIOS_ALLOW_PRIVATE_URLS or IDIOS_PRIVATE_ALLOWLIST can allow it"
             )
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:

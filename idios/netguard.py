@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class BlockedAddress(OSError):
@@ -31,29 +31,47 @@ def literal_address(host: str) -> IPAddress | None:
         return None
 
 
+class AddressPolicy:
+    """Public addresses always; private ones only when allowed wholesale, or listed as a network or a host."""
+
+    def __init__(self, allow_private: bool, allowlist: str = "") -> None:
+        self.allow_private = allow_private
+        self.networks: list[IPNetwork] = []
+        self.hosts: set[str] = set()
+        for item in filter(None, (part.strip() for part in allowlist.split(","))):
+            try:
+                self.networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.hosts.add(item.lower().rstrip("."))
+
+    def permits_host(self, host: str) -> bool:
+        return self.allow_private or host.lower().rstrip(".") in self.hosts
+
+    def permits(self, ip: IPAddress) -> bool:
+        if self.allow_private or is_public(ip):
+            return True
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+
 class GuardedResolver(AbstractResolver):
-    """Resolves names and drops every non-public address, so the connection is pinned to checked addresses.
+    """Resolves names and drops every address the policy refuses, so the connection is pinned to checked
+    addresses: aiohttp connects only to what the resolver returns, so a second DNS answer cannot slip in
+    between the check and the connect."""
 
-    aiohttp connects only to what the resolver returns, so a second DNS answer cannot slip in between the
-    check and the connect.
-    """
-
-    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
-        self._allow_private = allow_private
+    def __init__(self, policy: AddressPolicy, inner: AbstractResolver | None = None) -> None:
+        self._policy = policy
         self._inner = inner or DefaultResolver()
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        if self._allow_private:
+        if self._policy.permits_host(host):
             return results
-        allowed = [r for r in results if is_public(ipaddress.ip_address(r["host"]))]
+        allowed = [r for r in results if self._policy.permits(ipaddress.ip_address(r["host"]))]
         if not allowed:
             raise BlockedAddress(f"{host} resolves only to private or reserved addresses")
         return allowed
 
     async def close(self) -> None:
         await self._inner.close()
-
-
-def describe(results: list[dict[str, Any]]) -> str:
-    return ", ".join(str(r.get("host")) for r in results)

@@ -60,7 +60,15 @@ class Settings:
     allow_private_urls: bool = field(
         default=False, metadata={"help": "allow image URLs resolving to loopback/private/link-local addresses"}
     )
+    private_allowlist: str = field(
+        default="", metadata={"help": "comma-separated CIDRs or host names allowed although private"}
+    )
+    api_keys: str = field(
+        default="", metadata={"help": "comma-separated API keys; KEY:ro for read-only (empty = no keys needed)"}
+    )
+    api_keys_file: Path | None = field(default=None, metadata={"help": "file with one API key (KEY or KEY:ro) a line"})
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    log_format: str = field(default="text", metadata={"help": "text, or json for one JSON object a line"})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -94,8 +102,13 @@ class Settings:
         return "FLAT" if self.is_milvus_lite else "HNSW"
 
 
-def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+def _kind(f: dataclasses.Field[Any]) -> str:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return kind.replace(" | None", "")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _kind(f)
     try:
         if kind == "bool":
             return _bool(raw)
@@ -115,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (env IDIOS_{f.name.upper()}, default: {f.default})"
-        kind = f.type if isinstance(f.type, str) else str(f.type)
+        kind = _kind(f)
         if kind == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -20,6 +20,7 @@ from idios.decode import DecodeLimits, preprocess
 from idios.embed import ModelRuntime, load_runtimes
 from idios.fetch import ImageFetcher
 from idios.messages import ImageJob, JobKind, JobResult
+from idios.metrics import Metrics
 from idios.models import ModelSpec
 from idios.settings import Settings
 from idios.store import CollectionStore, Row
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 class JobHandler:
     """Runs jobs against the loaded models and the store. Build it with `JobHandler.open`."""
 
-    def __init__(self, settings: Settings, store: CollectionStore) -> None:
+    def __init__(self, settings: Settings, store: CollectionStore, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.store = store
         self.limits = DecodeLimits(settings.min_image_side, settings.max_image_side, settings.max_image_pixels)
         self.runtimes: dict[str, ModelRuntime] = {}
@@ -41,20 +43,28 @@ class JobHandler:
 
     @classmethod
     async def open(
-        cls, settings: Settings, specs: dict[str, ModelSpec], store: CollectionStore, stack: AsyncExitStack
+        cls,
+        settings: Settings,
+        specs: dict[str, ModelSpec],
+        store: CollectionStore,
+        stack: AsyncExitStack,
+        metrics: Metrics,
     ) -> JobHandler:
         """Start every actor this handler needs; `stack` closes them in reverse order."""
-        self = cls(settings, store)
+        self = cls(settings, store, metrics)
         self._decode_pool = stack.enter_context(
             ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="idios-decode")
         )
         model_pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="idios-onnx"))
-        self.runtimes = await load_runtimes(specs, settings, model_pool, stack)
+        self.runtimes = await load_runtimes(specs, settings, model_pool, stack, metrics)
         for name in specs:
             self.writers[name] = await stack.enter_async_context(
-                MicroBatcher(f"write-{name}", self._writer_for(name), settings.write_batch, settings.write_wait_ms / 1000)
+                MicroBatcher(
+                    f"write-{name}", self._writer_for(name), settings.write_batch, settings.write_wait_ms / 1000,
+                    observe=metrics.batch_observer("write", name),
+                )
             )
-        self._fetcher = await stack.enter_async_context(ImageFetcher(settings))
+        self._fetcher = await stack.enter_async_context(ImageFetcher(settings, metrics))
         return self
 
     def _writer_for(self, model: str) -> Any:
@@ -66,16 +76,22 @@ class JobHandler:
 
     async def handle(self, job: ImageJob) -> JobResult:
         """Run one job; every failure comes back as data, never as a raised exception."""
+        self.metrics.jobs_in_flight.inc()
         try:
-            return await self._dispatch(job)
+            result = await self._dispatch(job)
         except asyncio.CancelledError:
             raise
         except errors.IdiosError as exc:
-            return JobResult(error=exc.to_data())
+            result = JobResult(error=exc.to_data())
         except Exception as exc:
-            log.exception("job %s (%s) failed", job.request_id, job.kind.value)
+            log.exception("%s job failed", job.kind.value, extra={"request_id": job.request_id})
             failure = errors.WorkerFailure(f"{job.kind.value} failed: {exc.__class__.__name__}: {exc}")
-            return JobResult(error=failure.to_data())
+            result = JobResult(error=failure.to_data())
+        finally:
+            self.metrics.jobs_in_flight.dec()
+        outcome = "ok" if result.error is None else str(result.error.get("type"))
+        self.metrics.jobs.labels(job.kind.value, outcome).inc()
+        return result
 
     async def _dispatch(self, job: ImageJob) -> JobResult:
         if job.kind is JobKind.PING:

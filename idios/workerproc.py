@@ -12,6 +12,7 @@ from aiohttp import web
 
 from idios.api.backend import require_distributed
 from idios.consumer import JobConsumer
+from idios.metrics import CONTENT_TYPE, Metrics
 from idios.models import discover
 from idios.settings import Settings
 from idios.store import CollectionStore
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def health_app(consumer: JobConsumer, handler: JobHandler, store: CollectionStore) -> web.Application:
-    """GET /health: 200 when the broker connection is up and Milvus answers, else 503 with what is wrong."""
+    """GET /health (200 when the broker connection is up and Milvus answers, else 503) and GET /metrics."""
 
     async def health(request: web.Request) -> web.Response:
         milvus = True
@@ -36,8 +37,12 @@ def health_app(consumer: JobConsumer, handler: JobHandler, store: CollectionStor
         return web.Response(body=orjson.dumps(body), status=200 if body["status"] == "ok" else 503,
                             content_type="application/json")
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=handler.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
     app = web.Application()
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -51,7 +56,7 @@ async def run_worker(settings: Settings) -> None:
     specs = discover(settings.models_dir)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(CollectionStore(settings, specs))
-        handler = await JobHandler.open(settings, specs, store, stack)
+        handler = await JobHandler.open(settings, specs, store, stack, Metrics())
         consumer = await stack.enter_async_context(JobConsumer(settings, handler))
         if settings.health_port:
             runner = web.AppRunner(health_app(consumer, handler, store), access_log=None)

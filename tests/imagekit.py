@@ -80,7 +80,7 @@ async def _blob(request: web.Request) -> web.Response:
 
 
 @asynccontextmanager
-async def image_server(blobs: dict[str, bytes] | None = None) -> AsyncIterator[str]:
+async def image_server(blobs: dict[str, bytes] | None = None, host: str = "127.0.0.1") -> AsyncIterator[str]:
     """Serve pictures on 127.0.0.1 and yield the base URL.
 
     /img/{key}            a distinct picture per key (PNG if the key ends in .png), ?size=WxH
@@ -99,13 +99,14 @@ async def image_server(blobs: dict[str, bytes] | None = None) -> AsyncIterator[s
     app.router.add_get("/not-an-image", _text)
     app.router.add_get("/blob/{name}", _blob)
     app.router.add_get("/slow/{key:.+}", _slow)
+    hostile_routes(app)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, host, 0)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
 
@@ -116,3 +117,53 @@ async def _slow(request: web.Request) -> web.Response:
 
     await asyncio.sleep(float(request.query.get("delay", "1")))
     return await _image(request)
+
+
+async def _drip(request: web.Request) -> web.StreamResponse:
+    """A server that sends one byte a second, forever if let."""
+    import asyncio
+
+    resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+    await resp.prepare(request)
+    for _ in range(3600):
+        await resp.write(b"\xff")
+        await asyncio.sleep(1)
+    return resp
+
+
+async def _hang(request: web.Request) -> web.Response:
+    """A server that accepts the request and never answers."""
+    import asyncio
+
+    await asyncio.sleep(3600)
+    return web.Response()
+
+
+async def _loop(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/loop")
+
+
+async def _chain(request: web.Request) -> web.Response:
+    n = int(request.match_info["n"])
+    if n <= 0:
+        return await _image(request)
+    raise web.HTTPFound(f"/chain/{n - 1}/{request.match_info['key']}")
+
+
+async def _huge(request: web.Request) -> web.StreamResponse:
+    """A body without Content-Length that goes on and on (6.5 GB if read to the end)."""
+    resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+    await resp.prepare(request)
+    chunk = b"\xff" * 65536
+    for _ in range(100_000):
+        await resp.write(chunk)
+    return resp
+
+
+def hostile_routes(app: web.Application) -> None:
+    """Servers that misbehave on purpose."""
+    app.router.add_get("/drip", _drip)
+    app.router.add_get("/hang", _hang)
+    app.router.add_get("/loop", _loop)
+    app.router.add_get("/chain/{n}/{key:.+}", _chain)
+    app.router.add_get("/huge", _huge)

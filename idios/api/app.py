@@ -12,14 +12,17 @@ import orjson
 from aiohttp import web
 
 from idios import errors
+from idios.api.auth import ApiKeys, auth_middleware
 from idios.api.backend import BACKEND, REQUEST_ID, Backend
 from idios.api.routes import routes
+from idios.metrics import CONTENT_TYPE, Metrics
 from idios.settings import Settings
 
 log = logging.getLogger("idios.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-BackendFactory = Callable[[Settings], AbstractAsyncContextManager[Backend]]
+BackendFactory = Callable[[Settings, Metrics], AbstractAsyncContextManager[Backend]]
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def _error(status: int, body: object) -> web.Response:
@@ -47,20 +50,46 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("request %s %s failed (request id %s)", request.method, request.path, rid)
         response = _error(500, {"detail": "Internal server error", "type": "internal_error", "request_id": rid})
     response.headers["X-Request-ID"] = rid
-    log.debug("%s %s %d %.1f ms rid=%s", request.method, request.path, response.status,
-              1000 * (time.perf_counter() - start), rid)
+    elapsed = time.perf_counter() - start
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.requests.labels(route, request.method, str(response.status)).inc()
+    metrics.request_seconds.labels(route).observe(elapsed)
+    log.info("%s %s %d %.1f ms", request.method, request.path, response.status, 1000 * elapsed,
+             extra={"request_id": rid})
     return response
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    """Prometheus text format; the broker's queue depth is read at scrape time where there is one."""
+    metrics = request.app[METRICS]
+    depth = getattr(request.app[BACKEND].bus, "queue_depth", None)
+    if depth is not None:
+        try:
+            value = await depth()
+            if value is not None:
+                metrics.queue_depth.set(value)
+        except Exception as exc:  # a scrape must not fail because the broker blinked
+            log.warning("queue depth unavailable: %s", exc)
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 def create_app(settings: Settings, backend_factory: BackendFactory) -> web.Application:
     """The API application; `backend_factory` opens what it talks to (embedded or distributed)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
+    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [error_middleware]
+    keys = ApiKeys.from_settings(settings)
+    if keys is not None:
+        middlewares.append(auth_middleware(keys))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
+    metrics = Metrics()
+    app[METRICS] = metrics
 
     async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with backend_factory(settings) as backend:
+        async with backend_factory(settings, metrics) as backend:
             app[BACKEND] = backend
             yield
 
     app.cleanup_ctx.append(backend_ctx)
     app.add_routes(routes)
+    app.router.add_get("/metrics", metrics_view)
     return app

@@ -11,6 +11,7 @@ from aiohttp import web
 from idios.amqp import AmqpBus
 from idios.bus import JobBus, LocalBus
 from idios.consumer import JobConsumer
+from idios.metrics import Metrics
 from idios.models import ModelSpec, discover
 from idios.settings import Settings
 from idios.store import CollectionStore
@@ -23,6 +24,7 @@ class Backend:
     specs: dict[str, ModelSpec]
     store: CollectionStore
     bus: JobBus
+    metrics: Metrics
 
 
 BACKEND = web.AppKey("backend", Backend)
@@ -30,20 +32,20 @@ REQUEST_ID = web.RequestKey("request_id", str)
 
 
 @asynccontextmanager
-async def embedded_backend(settings: Settings) -> AsyncIterator[Backend]:
+async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterator[Backend]:
     """API and worker in one process. Without IDIOS_AMQP_URL the bus is in-process; with it, jobs go through
     RabbitMQ, so workers on other machines can share the load with this one."""
     specs = discover(settings.models_dir)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(CollectionStore(settings, specs))
-        handler = await JobHandler.open(settings, specs, store, stack)
+        handler = await JobHandler.open(settings, specs, store, stack, metrics)
         bus: JobBus
         if settings.amqp_url:
             await stack.enter_async_context(JobConsumer(settings, handler))
             bus = await stack.enter_async_context(AmqpBus(settings))
         else:
             bus = LocalBus(handler, settings.max_in_flight, settings.job_timeout)
-        yield Backend(settings, specs, store, bus)
+        yield Backend(settings, specs, store, bus, metrics)
 
 
 def require_distributed(settings: Settings) -> None:
@@ -56,11 +58,11 @@ def require_distributed(settings: Settings) -> None:
 
 
 @asynccontextmanager
-async def distributed_backend(settings: Settings) -> AsyncIterator[Backend]:
+async def distributed_backend(settings: Settings, metrics: Metrics) -> AsyncIterator[Backend]:
     """The stateless API of the distributed deployment: manifests only (no ONNX), Milvus for reads, RabbitMQ."""
     require_distributed(settings)
     specs = discover(settings.models_dir)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(CollectionStore(settings, specs))
         bus = await stack.enter_async_context(AmqpBus(settings))
-        yield Backend(settings, specs, store, bus)
+        yield Backend(settings, specs, store, bus, metrics)
