@@ -13,6 +13,7 @@ from aiohttp import web
 
 from idios import errors
 from idios.api.backend import BACKEND, REQUEST_ID, Backend
+from idios.api.pages import add_pages
 from idios.api.routes import routes
 from idios.settings import Settings
 
@@ -63,4 +64,5 @@ def create_app(settings: Settings, backend_factory: BackendFactory) -> web.Appli
 
     app.cleanup_ctx.append(backend_ctx)
     app.add_routes(routes)
+    add_pages(app, settings)
     return app
