@@ -1,6 +1,6 @@
 """Headless Chromium (the distribution's chromium + chromium-driver) driven by selenium, for end-to-end page tests.
 
-Where Chromium is missing the browser tests skip, saying how to install it; under CI=true they fail instead,
+IDIOS_CHROMIUM / IDIOS_CHROMEDRIVER name other binaries. Where Chromium is missing the browser tests skip, saying how to install it; under CI=true they fail instead,
 so a CI machine without a browser cannot pass by skipping.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-INSTALL_HINT = "install it with: apt-get install -y chromium chromium-driver (scripts/ci_setup.sh does)"
+INSTALL_HINT = "install them with: apt-get install -y chromium chromium-driver (scripts/ci_setup.sh does)"
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,1000",
@@ -24,8 +24,8 @@ FLAGS = [
 
 def find_chromium() -> tuple[str, str]:
     """Paths of the browser and its driver, or skip (fail under CI) with the reason."""
-    browser = os.environ.get("IDIOS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = os.environ.get("IDIOS_CHROMEDRIVER") or shutil.which("chromedriver")
+    browser = shutil.which(os.environ.get("IDIOS_CHROMIUM") or "chromium") or shutil.which("chromium-browser")
+    driver = shutil.which(os.environ.get("IDIOS_CHROMEDRIVER") or "chromedriver")
     if browser and driver:
         return browser, driver
     missing = " and ".join(n for n, p in (("chromium", browser), ("chromedriver", driver)) if not p)
