@@ -1,7 +1,8 @@
 """Headless Chromium (the distribution's chromium + chromium-driver) driven by selenium, for end-to-end page tests.
 
-IDIOS_CHROMIUM / IDIOS_CHROMEDRIVER name other binaries. Where Chromium is missing the browser tests skip, saying how to install it; under CI=true they fail instead,
-so a CI machine without a browser cannot pass by skipping.
+IDIOS_CHROMIUM / IDIOS_CHROMEDRIVER name other binaries. Where Chromium is missing the browser tests skip,
+saying how to install it; under CI=true they fail instead, so a CI machine without a browser cannot pass by
+skipping.
 """
 
 from __future__ import annotations

@@ -48,9 +48,8 @@ def wait_for(d: Any, what: str, cond: Callable[[Any], Any], timeout: float = WAI
 
 
 def statuses(d: Any) -> dict[str, str]:
-    return d.execute_script(
-        "return Object.fromEntries([...document.querySelectorAll('.status')].map(e => [e.id, e.className + ': ' + e.textContent]))"
-    )
+    return d.execute_script("return Object.fromEntries([...document.querySelectorAll('.status')]"
+                            ".map(e => [e.id, e.className + ': ' + e.textContent]))")
 
 
 def status(d: Any, which: str) -> tuple[str, str]:
@@ -236,7 +235,7 @@ async def test_compare_and_text_search(driver: Any, service: Service, images: st
         for word, want in (("red", red), ("Blue", blue)):
             fill(d, "search-text", word)
             d.find_element("css selector", "#search-text-form button").click()
-            wait_for(d, f"{word} first", lambda d: (h := hits(d)) and h[0]["url"] == want)
+            wait_for(d, f"{word} first", lambda d, want=want: (h := hits(d)) and h[0]["url"] == want)
 
     await asyncio.to_thread(scenario, driver)
 
