@@ -137,6 +137,48 @@ async def test_search_by_upload_and_by_url(driver: Any, service: Service, images
     await asyncio.to_thread(scenario, driver)
 
 
+DROP_JS = """
+const [kind, r, g, b] = arguments;
+const canvas = document.createElement('canvas');
+canvas.width = 320; canvas.height = 240;
+const ctx = canvas.getContext('2d');
+ctx.fillStyle = `rgb(${r},${g},${b})`;
+ctx.fillRect(0, 0, 320, 240);
+const bytes = Uint8Array.from(atob(canvas.toDataURL('image/png').split(',')[1]), (c) => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], kind + '.png', {type: 'image/png'}));
+if (kind === 'drop') {
+  const drop = new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true});
+  document.getElementById('drop').dispatchEvent(drop);
+} else {
+  document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+}
+"""
+WATCH_BUSY_JS = """window.busySeen = false;
+new MutationObserver(() => { if (!document.getElementById('busy').hidden) window.busySeen = true; })
+  .observe(document.getElementById('busy'), {attributes: true});"""
+
+
+async def test_search_by_dropped_and_pasted_image(driver: Any, service: Service, images: str, uniq: str) -> None:
+    colours = {name: f"{images}/colour/{rgb}?u={uniq}"
+               for name, rgb in (("red", "250,10,10"), ("green", "10,200,10"), ("blue", "10,10,250"))}
+    for url in colours.values():
+        await add(service, "thumb_grid", url)
+
+    def scenario(d: Any) -> None:
+        open_page(d, service.url, "thumb_grid")
+        for kind, name, rgb in (("drop", "green", (12, 198, 14)), ("paste", "blue", (8, 12, 247))):
+            d.execute_script(WATCH_BUSY_JS)
+            d.execute_script(DROP_JS, kind, *rgb)
+            wait_for(d, f"{kind} results", lambda d, want=colours[name]: (h := hits(d)) and h[0]["url"] == want)
+            assert d.find_element("css selector", "#query span").text == f"Query: {kind}.png"
+            assert d.execute_script("return window.busySeen"), "the busy indicator never showed"
+            assert not d.find_element("id", "busy").is_displayed(), "the busy indicator stayed on"
+        assert console_errors(d) == []
+
+    await asyncio.to_thread(scenario, driver)
+
+
 async def test_add_shows_the_outcome_and_the_count_changes(driver: Any, service: Service, images: str,
                                                            uniq: str) -> None:
     new = f"{images}/img/{uniq}/added.jpg"
