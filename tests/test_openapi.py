@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from idios.api import schemas
@@ -71,6 +72,17 @@ async def test_every_operation_is_complete(service: Service) -> None:
                 assert "404" in op["responses"], f"{method} {path} does not document an unknown model"
             if "requestBody" in op:
                 assert "422" in op["responses"], f"{method} {path} does not document validation errors"
+
+
+async def test_the_document_is_valid_openapi_3_1(service: Service) -> None:
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+
+    doc = await fetch_doc(service)
+    validate(doc)
+    broken = {**doc, "paths": {"/ping": {"get": {"parameters": [{"name": "rpc"}], "responses": {}}}}}
+    with pytest.raises(OpenAPIValidationError):  # the validator does reject a broken document
+        validate(broken)
 
 
 async def test_request_schemas_are_the_validated_models(service: Service) -> None:
