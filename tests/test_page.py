@@ -61,6 +61,14 @@ def hits(d: Any) -> list[dict[str, Any]]:
     return d.execute_script(HITS_JS)
 
 
+def first_hit_is(url: str) -> Callable[[Any], bool]:
+    """A wait condition: the results grid shows `url` first."""
+    def check(d: Any) -> bool:
+        shown = hits(d)
+        return bool(shown) and shown[0]["url"] == url
+    return check
+
+
 def open_page(d: Any, base: str, model: str) -> None:
     from selenium.webdriver.support.ui import Select
 
@@ -116,7 +124,7 @@ async def test_search_by_upload_and_by_url(driver: Any, service: Service, images
         open_page(d, service.url, "thumb_grid")
         assert not d.find_element("id", "search-text-form").is_displayed(), "thumb_grid has no text tower"
         d.find_element("id", "search-file").send_keys(str(query))
-        wait_for(d, "upload results", lambda d: (h := hits(d)) and h[0]["url"] == target)
+        wait_for(d, "upload results", first_hit_is(target))
         got = hits(d)
         assert got[0]["similarity"] > 99 and "the target" in got[0]["metadata"]
         assert [h["similarity"] for h in got] == sorted((h["similarity"] for h in got), reverse=True)
@@ -129,7 +137,7 @@ async def test_search_by_upload_and_by_url(driver: Any, service: Service, images
 
         fill(d, "search-url", photos[3] + "?size=900x700")
         d.find_element("css selector", "#search-url-form button").click()
-        wait_for(d, "url results", lambda d: (h := hits(d)) and h[0]["url"] == photos[3])
+        wait_for(d, "url results", first_hit_is(photos[3]))
         assert hits(d)[0]["similarity"] > 99
         assert foreign_resources(d, service.url, images, "blob:") == []
         assert console_errors(d) == []
@@ -170,7 +178,7 @@ async def test_search_by_dropped_and_pasted_image(driver: Any, service: Service,
         for kind, name, rgb in (("drop", "green", (12, 198, 14)), ("paste", "blue", (8, 12, 247))):
             d.execute_script(WATCH_BUSY_JS)
             d.execute_script(DROP_JS, kind, *rgb)
-            wait_for(d, f"{kind} results", lambda d, want=colours[name]: (h := hits(d)) and h[0]["url"] == want)
+            wait_for(d, f"{kind} results", first_hit_is(colours[name]))
             assert d.find_element("css selector", "#query span").text == f"Query: {kind}.png"
             assert d.execute_script("return window.busySeen"), "the busy indicator never showed"
             assert not d.find_element("id", "busy").is_displayed(), "the busy indicator stayed on"
@@ -222,7 +230,7 @@ async def test_upload_with_an_id_then_find_it(driver: Any, service: Service, uni
         d.find_element("css selector", "#add-form button").click()
         wait_for(d, "added", lambda d: status(d, "add-status") == ("status ok", f"Added: {image_id}"))
         d.find_element("id", "search-file").send_keys(str(file))
-        wait_for(d, "its hit", lambda d: (h := hits(d)) and h[0]["url"] == image_id)
+        wait_for(d, "its hit", first_hit_is(image_id))
         assert '"from": "upload"' in hits(d)[0]["metadata"]
 
     await asyncio.to_thread(scenario, driver)
@@ -277,7 +285,7 @@ async def test_compare_and_text_search(driver: Any, service: Service, images: st
         for word, want in (("red", red), ("Blue", blue)):
             fill(d, "search-text", word)
             d.find_element("css selector", "#search-text-form button").click()
-            wait_for(d, f"{word} first", lambda d, want=want: (h := hits(d)) and h[0]["url"] == want)
+            wait_for(d, f"{word} first", first_hit_is(want))
 
     await asyncio.to_thread(scenario, driver)
 
@@ -292,7 +300,7 @@ async def test_usable_on_a_phone(driver: Any, service: Service, images: str, uni
             open_page(d, service.url, "thumb_grid")
             fill(d, "search-url", f"{images}/img/{uniq}/0.jpg")
             d.find_element("css selector", "#search-url-form button").click()
-            wait_for(d, "results", lambda d: (h := hits(d)) and h[0]["url"].endswith(f"{uniq}/0.jpg"))
+            wait_for(d, "results", first_hit_is(f"{images}/img/{uniq}/0.jpg"))
             width = d.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
             assert width[0] <= width[1], f"the page scrolls sideways on a phone: {width}"
             columns = d.execute_script(
