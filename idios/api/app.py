@@ -14,6 +14,7 @@ from aiohttp import web
 from idios import errors
 from idios.api.auth import ApiKeys, auth_middleware
 from idios.api.backend import BACKEND, REQUEST_ID, Backend
+from idios.api.pages import add_pages
 from idios.api.routes import routes
 from idios.metrics import CONTENT_TYPE, Metrics
 from idios.settings import Settings
@@ -92,4 +93,5 @@ def create_app(settings: Settings, backend_factory: BackendFactory) -> web.Appli
     app.cleanup_ctx.append(backend_ctx)
     app.add_routes(routes)
     app.router.add_get("/metrics", metrics_view)
+    add_pages(app, settings)
     return app

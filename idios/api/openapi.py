@@ -1,0 +1,285 @@
+"""The OpenAPI 3.1 description served at /openapi.json.
+
+Request bodies come from the pydantic models in `schemas.py` (their JSON Schema), so the document cannot drift
+from what the routes validate; only the prose and the list of operations are written here.
+tests/test_openapi.py checks that every route the app registers is documented and nothing else is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from idios.api.schemas import (
+    AddRequest,
+    CompareRequest,
+    DumpRequest,
+    PageRequest,
+    RemoveRequest,
+    RestoreItem,
+    SearchRequest,
+)
+from idios.settings import Settings
+
+REF = "#/components/schemas/{model}"
+
+
+class ModelInfo(BaseModel):
+    name: str
+    dim: int = Field(description="length of the embedding vectors")
+    text: bool = Field(description="true when the model has a text tower: search by `text` works")
+
+
+class Hit(BaseModel):
+    url: str
+    metadata: dict[str, Any] | None
+    similarity: float = Field(ge=0, le=100, description="100 × cosine, clamped at 0; 100 is identical")
+
+
+class BulkFailure(BaseModel):
+    url: str | None
+    error: str
+    type: str = Field(description="machine-readable cause, e.g. image_http_error, not_an_image, validation_error")
+
+
+class BulkResult(BaseModel):
+    added: list[str]
+    found: list[str] = Field(description="urls that were already stored (left unchanged)")
+    failed: list[BulkFailure]
+
+
+class DumpRow(BaseModel):
+    url: str
+    embedding: list[float]
+    metadata: dict[str, Any] | None
+
+
+class ValidationItem(BaseModel):
+    loc: list[str | int] = Field(description='where the problem is, e.g. ["body", "url"]')
+    msg: str
+    type: str = Field(description="machine-readable cause, e.g. value_error.url, image_too_small, missing")
+
+
+class ValidationErrorBody(BaseModel):
+    """FastAPI's 422 shape, as the original Idios answered."""
+
+    detail: list[ValidationItem]
+
+
+class ErrorBody(BaseModel):
+    """Any other error. Some carry more fields (`models` on model_not_found, `request_id` on internal_error)."""
+
+    model_config = ConfigDict(extra="allow")
+    detail: str
+    type: str | None = Field(default=None, description="machine-readable cause, e.g. model_not_found")
+
+
+REQUESTS: list[type[BaseModel]] = [
+    AddRequest, SearchRequest, CompareRequest, RemoveRequest, PageRequest, DumpRequest, RestoreItem,
+]
+RESPONSES: list[type[BaseModel]] = [
+    ModelInfo, Hit, BulkResult, DumpRow, ValidationErrorBody, ErrorBody,
+]
+
+
+def ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def component_schemas() -> dict[str, Any]:
+    """JSON Schemas of the request models (as validated) and the response models (as serialised)."""
+    pairs = [(m, "validation") for m in REQUESTS] + [(m, "serialization") for m in RESPONSES]
+    _, top = models_json_schema(pairs, ref_template=REF)  # type: ignore[arg-type]
+    return dict(top.get("$defs", {}))
+
+
+def json_answer(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def error(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return json_answer(ref(model), description)
+
+
+NO_CONTENT = {"204": {"description": "Done; no body"}}
+MODEL_ERRORS = {
+    "404": error(ErrorBody, "No such model (`model_not_found`, with `models`: the loaded ones)"),
+    "500": error(ErrorBody, "`internal_error` or `worker_error`: a message and a request id, never a traceback"),
+}
+BODY_ERRORS = {
+    **MODEL_ERRORS,
+    "413": error(ErrorBody, "`payload_too_large`: the request body is over the limit"),
+    "415": error(ErrorBody, "`unsupported_media_type`: this route takes a JSON body, not a form"),
+    "422": error(ValidationErrorBody, "The body failed validation, or the image cannot be used "
+                 "(`image_http_error`, `image_unreachable`, `image_timeout`, `image_too_many_redirects`, "
+                 "`private_address`, `image_too_large`, `not_an_image`, `image_too_small`)"),
+}
+JOB_ERRORS = {**BODY_ERRORS, "504": error(ErrorBody, "`job_timeout`: the image work did not finish in time")}
+
+MODEL_PARAM = {
+    "name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+    "description": "name of a loaded model (GET /models lists them)",
+}
+
+
+def json_schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(ref_template=REF)
+
+
+def multipart(model: type[BaseModel], files: dict[str, str], json_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A form version of `model`: its fields as form fields (JSON-valued ones as JSON text) plus image files."""
+    schema = json_schema_of(model)
+    props: dict[str, Any] = {}
+    for name, prop in schema.get("properties", {}).items():
+        props[name] = {"type": "string", "description": f"{name} as JSON text"} if name in json_fields else prop
+    for name, text in files.items():
+        props[name] = {"type": "string", "format": "binary", "description": text}
+    return {"type": "object", "properties": props, "required": list(schema.get("required", []))}
+
+
+def body(model: type[BaseModel] | dict[str, Any], form: dict[str, Any] | None = None) -> dict[str, Any]:
+    schema = ref(model) if isinstance(model, type) else model
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if form is not None:
+        content["multipart/form-data"] = {"schema": form}
+    return {"required": True, "content": content}
+
+
+def query_params(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """Query parameters from a request model's fields (GET forms of the paging routes)."""
+    schema = json_schema_of(model)
+    return [
+        {"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop}
+        for name, prop in schema["properties"].items()
+    ]
+
+
+def op(summary: str, description: str, responses: dict[str, Any], *, tag: str = "images",
+       request: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None,
+       model: bool = True) -> dict[str, Any]:
+    operation: dict[str, Any] = {"tags": [tag], "summary": summary, "description": description}
+    parameters = ([MODEL_PARAM] if model else []) + (params or [])
+    if parameters:
+        operation["parameters"] = parameters
+    if request is not None:
+        operation["requestBody"] = request
+    operation["responses"] = responses
+    return operation
+
+
+ADD_FORM = multipart(AddRequest, {"image": "the image itself; `url` is then only its id"}, ("metadata",))
+SEARCH_FORM = multipart(SearchRequest, {"image": "the query image"}, ("filter",))
+COMPARE_FORM = multipart(CompareRequest, {"image": "first image (instead of `url`)",
+                                          "other_image": "second image (instead of `other`)"})
+TEXT = {"text/html": {"schema": {"type": "string"}}}
+
+
+def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The model routes: adding, searching, comparing, paging, removing."""
+    bulk = settings.max_bulk_items
+    paging = {"200": json_answer({"type": "array", "items": {"type": "string"}}, "urls in order")}
+    return {
+        "/models/{model}/add": {"post": op(
+            "Add or replace an image", "Upsert by url: fetch the image (or take the uploaded one), embed, store.",
+            {**NO_CONTENT, **JOB_ERRORS}, request=body(AddRequest, ADD_FORM))},
+        "/models/{model}/search_add": {"post": op(
+            "Add an image unless its url is stored", "As add, but a stored url answers 409 and is left unchanged.",
+            {**NO_CONTENT, "409": error(ErrorBody, "`already_inserted`: detail \"Image already inserted\""),
+             **JOB_ERRORS}, request=body(AddRequest, ADD_FORM))},
+        "/models/{model}/add_bulk": {"post": op(
+            "Add many images", f"At most {bulk} items; each one succeeds or fails on its own.",
+            {"200": json_answer(ref(BulkResult), "what happened to each url"), **JOB_ERRORS},
+            request=body({"type": "array", "maxItems": bulk, "items": ref(AddRequest)}))},
+        "/models/{model}/restore": {"post": op(
+            "Store rows with their embeddings", f"As dumped; no image is fetched. At most {bulk} rows.",
+            {**NO_CONTENT, **JOB_ERRORS}, request=body({"type": "array", "maxItems": bulk, "items": ref(RestoreItem)}),
+            tag="rows")},
+        "/models/{model}/search": {"post": op(
+            "Find the most similar stored images",
+            "By image url, uploaded image, text (models with a text tower) or a stored url (`indexed`). "
+            "Best first. Without url, text or image: 422 `{\"detail\": \"Either 'text' or 'url' must be provided.\"}`",
+            {"200": json_answer({"type": "array", "items": ref(Hit)}, "hits, best first"),
+             **JOB_ERRORS, "404": error(ErrorBody, "No such model, or an `indexed` url that is not stored")},
+            request=body(SearchRequest, SEARCH_FORM))},
+        "/models/{model}/compare": {"post": op(
+            "Similarity of two images", "Each side is a url or an uploaded image.",
+            {"200": json_answer({"type": "number", "minimum": 0, "maximum": 100}, "similarity, 100 = identical"),
+             **JOB_ERRORS}, request=body(CompareRequest, COMPARE_FORM))},
+        "/models/{model}/urls": {
+            "get": op("Page through stored urls", "Strictly after `cursor`, in order.", {**paging, **MODEL_ERRORS,
+                      "422": BODY_ERRORS["422"]}, params=query_params(PageRequest), tag="rows"),
+            "post": op("Page through stored urls", "Strictly after `cursor`, in order.", {**paging, **BODY_ERRORS},
+                       request=body(PageRequest), tag="rows"),
+        },
+        "/models/{model}/dump": {
+            "get": op("Page through stored rows", "url, embedding and metadata, strictly after `cursor`.",
+                      {"200": json_answer({"type": "array", "items": ref(DumpRow)}, "rows in url order"),
+                       **MODEL_ERRORS, "422": BODY_ERRORS["422"]}, params=query_params(DumpRequest), tag="rows"),
+            "post": op("Page through stored rows", "url, embedding and metadata, strictly after `cursor`.",
+                       {"200": json_answer({"type": "array", "items": ref(DumpRow)}, "rows in url order"),
+                        **BODY_ERRORS}, request=body(DumpRequest), tag="rows"),
+        },
+        "/models/{model}/count": {"get": op(
+            "Number of stored images", "Milvus's count, not an enumeration.",
+            {"200": json_answer({"type": "integer", "minimum": 0}, "the count"), **MODEL_ERRORS}, tag="rows")},
+        "/models/{model}/remove": {"post": op(
+            "Remove an image", "Removing a url that is not stored is not an error.",
+            {**NO_CONTENT, **BODY_ERRORS}, request=body(RemoveRequest), tag="rows")},
+    }
+
+
+def service_paths() -> dict[str, dict[str, Any]]:
+    """Health, the model list, and the pages for people."""
+    rpc = {"name": "rpc", "in": "query", "required": False, "schema": {"type": "string", "enum": ["", "0", "1"]},
+           "description": "1: answer only after a round trip through the job bus and a worker"}
+    page = {"200": {"description": "an HTML page", "content": TEXT}}
+    return {
+        "/ping": {"get": op("Health check", "Answers \"pong\".",
+                            {"200": json_answer({"const": "pong"}, "alive"),
+                             "500": MODEL_ERRORS["500"], "504": JOB_ERRORS["504"]},
+                            params=[rpc], model=False, tag="service")},
+        "/models": {"get": op("The loaded models", "Name, embedding size and whether text search works.",
+                              {"200": json_answer({"type": "array", "items": ref(ModelInfo)}, "models")},
+                              model=False, tag="service")},
+        "/metrics": {"get": op("Prometheus metrics", "Requests, latencies, jobs, batch sizes and times, fetch "
+                               "failures by type, queue depth (distributed deployment).",
+                               {"200": {"description": "Prometheus text format",
+                                        "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                               model=False, tag="service")},
+        "/": {"get": op("The built-in search page", "Search, add and compare from a browser.", page,
+                        model=False, tag="pages")},
+        "/docs": {"get": op("This documentation, rendered", "Swagger UI, served locally.", page,
+                            model=False, tag="pages")},
+        "/openapi.json": {"get": op("This document", "OpenAPI 3.1.",
+                                    {"200": json_answer({"type": "object"}, "the OpenAPI document")},
+                                    model=False, tag="pages")},
+        "/static/{path}": {"get": op(
+            "Files of the built-in pages", "Scripts, styles and the vendored Swagger UI.",
+            {"200": {"description": "the file"}, "404": error(ErrorBody, "no such file")},
+            params=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
+            model=False, tag="pages")},
+    }
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    """The whole OpenAPI document."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Idios",
+            "version": "0.1.0",
+            "description": "Reverse image search over many models. The url is an image's id. "
+                           "Errors are JSON with a machine-readable `type`.",
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "tags": [
+            {"name": "images", "description": "add, search and compare images"},
+            {"name": "rows", "description": "list, count, dump, restore and remove stored rows"},
+            {"name": "service", "description": "health and models"},
+            {"name": "pages", "description": "for people with a browser"},
+        ],
+        "paths": {**service_paths(), **image_paths(settings)},
+        "components": {"schemas": component_schemas()},
+    }

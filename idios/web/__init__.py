@@ -1,0 +1,1 @@
+"""Static files of the built-in pages (served by idios.api.pages)."""

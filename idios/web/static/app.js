@@ -1,0 +1,328 @@
+// The built-in search page. It talks to the service only through the public API, with relative URLs so that
+// it also works behind a reverse proxy under a path prefix. No framework, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { models: [], busy: 0 };
+
+class ApiError extends Error {
+  constructor(status, body, message) {
+    super(message);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+// One line a person can act on, from any error body the API answers with.
+function describe(status, body) {
+  if (body && Array.isArray(body.detail)) {
+    return body.detail.map((d) => {
+      const where = (d.loc || []).filter((p) => p !== "body").join(".");
+      return `${where ? where + ": " : ""}${d.msg}${d.type ? ` (${d.type})` : ""}`;
+    }).join("; ");
+  }
+  if (body && typeof body.detail === "string") {
+    const models = Array.isArray(body.models) ? ` Loaded models: ${body.models.join(", ")}.` : "";
+    return `${body.detail}${body.type ? ` (${body.type})` : ""}${models}`;
+  }
+  return `The service answered HTTP ${status}.`;
+}
+
+function setBusy(delta) {
+  state.busy += delta;
+  $("busy").hidden = state.busy === 0;
+  document.body.setAttribute("aria-busy", state.busy > 0 ? "true" : "false");
+}
+
+// fetch() a route of the API: JSON in (or a FormData), JSON out; an ApiError for any non-2xx answer.
+async function api(path, { json, form, method } = {}) {
+  const init = { method: method || (json !== undefined || form ? "POST" : "GET"), headers: {} };
+  if (json !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(json);
+  } else if (form) {
+    init.body = form;
+  }
+  setBusy(1);
+  try {
+    let resp;
+    try {
+      resp = await fetch(path, init);
+    } catch (err) {
+      throw new ApiError(0, null, `Cannot reach the Idios service (${err.message}).`);
+    }
+    const isJson = (resp.headers.get("Content-Type") || "").includes("application/json");
+    const body = resp.status === 204 ? null : isJson ? await resp.json() : await resp.text();
+    if (!resp.ok) throw new ApiError(resp.status, body, describe(resp.status, body));
+    return body;
+  } finally {
+    setBusy(-1);
+  }
+}
+
+function show(id, text, kind) {
+  const el = $(id);
+  el.textContent = text;
+  el.className = `status ${kind || ""}`;
+  el.hidden = !text;
+}
+
+// Run `work` for a form: its buttons are disabled meanwhile, and a failure is shown in the form's status line.
+async function guarded(statusId, form, work) {
+  const buttons = form ? form.querySelectorAll("button") : [];
+  buttons.forEach((b) => { b.disabled = true; });
+  show(statusId, "");
+  try {
+    await work();
+  } catch (err) {
+    show(statusId, err.message, "error");
+  } finally {
+    buttons.forEach((b) => { b.disabled = false; });
+  }
+}
+
+const model = () => $("model").value;
+const route = (name) => `models/${encodeURIComponent(model())}/${name}`;
+const isWeb = (url) => /^https?:\/\//i.test(url);
+
+function parseJsonField(text, what) {
+  if (!text.trim()) return undefined;
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new Error(`${what} is not valid JSON: ${err.message}`);
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw new Error(`${what} must be a JSON object, like {"key": "value"}.`);
+  }
+  return value;
+}
+
+// ---- models and counts ----
+
+async function refreshCount() {
+  const name = model();
+  if (!name) return;
+  const n = await api(`models/${encodeURIComponent(name)}/count`);
+  const option = [...$("model").options].find((o) => o.value === name);
+  if (option) option.textContent = `${name} (${n})`;
+  if (name === model()) $("count").textContent = `${n} image${n === 1 ? "" : "s"}`;
+}
+
+function onModelChange() {
+  const info = state.models.find((m) => m.name === model());
+  $("search-text-form").hidden = !(info && info.text);
+  $("results").replaceChildren();
+  $("query").hidden = true;
+  show("search-status", "");
+  refreshCount().catch((err) => show("page-status", err.message, "error"));
+}
+
+async function loadModels() {
+  state.models = await api("models");
+  const select = $("model");
+  select.replaceChildren(...state.models.map((m) => new Option(m.name, m.name)));
+  if (!state.models.length) {
+    show("page-status", "No model is loaded: add a model folder to the service's models directory.", "error");
+    return;
+  }
+  const counts = await Promise.allSettled(
+    state.models.map((m) => api(`models/${encodeURIComponent(m.name)}/count`)));
+  counts.forEach((c, i) => {
+    if (c.status === "fulfilled") select.options[i].textContent = `${state.models[i].name} (${c.value})`;
+  });
+  onModelChange();
+}
+
+// ---- search ----
+
+function searchOptions() {
+  const opts = {};
+  const limit = $("limit").value.trim();
+  const minSim = $("min-similarity").value.trim();
+  if (limit) opts.limit = Number(limit);
+  if (minSim) opts.min_similarity = Number(minSim);
+  const filter = parseJsonField($("filter").value, "The metadata filter");
+  if (filter) opts.filter = filter;
+  return opts;
+}
+
+function showQuery(label, src) {
+  const box = $("query");
+  const parts = [];
+  if (src) {
+    const img = document.createElement("img");
+    img.src = src;
+    img.alt = "";
+    img.referrerPolicy = "no-referrer";
+    parts.push(img);
+  }
+  const span = document.createElement("span");
+  span.textContent = label;
+  parts.push(span);
+  box.replaceChildren(...parts);
+  box.hidden = false;
+}
+
+function hitCard(hit, rank) {
+  const li = document.createElement("li");
+  li.className = "hit";
+  const link = document.createElement(isWeb(hit.url) ? "a" : "div");
+  link.className = "thumb";
+  if (isWeb(hit.url)) {
+    link.href = hit.url;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    const img = document.createElement("img");
+    img.src = hit.url;
+    img.alt = `result ${rank}`;
+    img.loading = "lazy";
+    img.referrerPolicy = "no-referrer";
+    img.addEventListener("error", () => link.classList.add("broken"));
+    link.append(img);
+  }
+  const sim = document.createElement("p");
+  sim.className = "similarity";
+  sim.textContent = `#${rank} · ${hit.similarity.toFixed(1)}`;
+  sim.title = "similarity, 100 = identical";
+  const url = document.createElement("p");
+  url.className = "url";
+  url.textContent = hit.url;
+  li.append(link, sim, url);
+  if (hit.metadata && Object.keys(hit.metadata).length) {
+    const meta = document.createElement("pre");
+    meta.className = "metadata";
+    meta.textContent = JSON.stringify(hit.metadata, null, 1);
+    li.append(meta);
+  }
+  return li;
+}
+
+async function search(statusId, form, makeRequest, label, preview) {
+  await guarded(statusId, form, async () => {
+    const hits = await api(route("search"), makeRequest(searchOptions()));
+    showQuery(label, preview);
+    $("results").replaceChildren(...hits.map((h, i) => hitCard(h, i + 1)));
+    show(statusId, hits.length ? `${hits.length} result${hits.length === 1 ? "" : "s"}, best first.`
+      : "No stored image matches.", "ok");
+  });
+}
+
+function searchFile(file) {
+  if (!file) return;
+  const preview = URL.createObjectURL(file);
+  search("search-status", null, (opts) => {
+    const form = new FormData();
+    form.append("image", file, file.name || "image");
+    for (const [k, v] of Object.entries(opts)) form.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
+    return { form };
+  }, `Query: ${file.name || "pasted image"}`, preview);
+}
+
+function searchUrl(url) {
+  url = url.trim();
+  if (!url) return show("search-status", "Enter the URL of an image to search with.", "error");
+  search("search-status", $("search-url-form"), (opts) => ({ json: { url, ...opts } }),
+    `Query: ${url}`, isWeb(url) ? url : null);
+}
+
+function searchText(text) {
+  if (!text.trim()) return show("search-status", "Enter some text to search for.", "error");
+  search("search-status", $("search-text-form"), (opts) => ({ json: { text, ...opts } }), `Query: “${text}”`, null);
+}
+
+function wireDrop() {
+  const drop = $("drop");
+  const stop = (e) => { e.preventDefault(); e.stopPropagation(); };
+  ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { stop(e); drop.classList.add("over"); }));
+  ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { stop(e); drop.classList.remove("over"); }));
+  drop.addEventListener("drop", (e) => {
+    const file = e.dataTransfer.files[0];
+    if (file) return searchFile(file);
+    const url = (e.dataTransfer.getData("text/uri-list") || e.dataTransfer.getData("text/plain") || "").split("\n")[0];
+    if (url) {
+      $("search-url").value = url.trim();
+      searchUrl(url);
+    }
+  });
+  $("search-file").addEventListener("change", (e) => {
+    searchFile(e.target.files[0]);
+    e.target.value = "";
+  });
+  document.addEventListener("paste", (e) => {
+    if (e.target instanceof HTMLInputElement || e.target instanceof HTMLTextAreaElement) return;
+    const item = [...e.clipboardData.items].find((i) => i.type.startsWith("image/"));
+    if (item) searchFile(item.getAsFile());
+  });
+}
+
+// ---- add ----
+
+async function addImage(e) {
+  e.preventDefault();
+  const form = $("add-form");
+  await guarded("add-status", form, async () => {
+    const url = $("add-url").value.trim();
+    if (!url) throw new Error("Enter the image URL; with an uploaded file it is the image's id.");
+    const metadata = parseJsonField($("add-metadata").value, "Metadata");
+    const file = $("add-file").files[0];
+    const replace = $("add-replace").checked;
+    let request;
+    if (file) {
+      const data = new FormData();
+      data.append("url", url);
+      data.append("image", file, file.name || "image");
+      if (metadata) data.append("metadata", JSON.stringify(metadata));
+      request = { form: data };
+    } else {
+      request = { json: metadata ? { url, metadata } : { url } };
+    }
+    try {
+      await api(route(replace ? "add" : "search_add"), request);
+      show("add-status", `${replace ? "Stored" : "Added"}: ${url}`, "ok");
+      form.reset();
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 409)) throw err;
+      show("add-status", `Already there: ${url} (tick “Replace” to store it again).`, "warn");
+    }
+    await refreshCount();
+  });
+}
+
+// ---- compare ----
+
+async function compare(e) {
+  e.preventDefault();
+  const form = $("compare-form");
+  await guarded("compare-status", form, async () => {
+    const sides = [["url", "image", "compare-a"], ["other", "other_image", "compare-b"]].map(([field, fileField, id]) => (
+      { field, fileField, url: $(id).value.trim(), file: $(`${id}-file`).files[0] }));
+    for (const [i, side] of sides.entries()) {
+      if (!side.url && !side.file) throw new Error(`Give the ${i ? "second" : "first"} image: a URL or a file.`);
+    }
+    let request;
+    if (sides.some((s) => s.file)) {
+      const data = new FormData();
+      for (const s of sides) {
+        if (s.file) data.append(s.fileField, s.file, s.file.name || "image");
+        else data.append(s.field, s.url);
+      }
+      request = { form: data };
+    } else {
+      request = { json: { url: sides[0].url, other: sides[1].url } };
+    }
+    const score = await api(route("compare"), request);
+    show("compare-status", `Similarity ${Number(score).toFixed(1)} / 100`, "ok");
+  });
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  $("model").addEventListener("change", onModelChange);
+  $("search-url-form").addEventListener("submit", (e) => { e.preventDefault(); searchUrl($("search-url").value); });
+  $("search-text-form").addEventListener("submit", (e) => { e.preventDefault(); searchText($("search-text").value); });
+  $("add-form").addEventListener("submit", addImage);
+  $("compare-form").addEventListener("submit", compare);
+  wireDrop();
+  loadModels().catch((err) => show("page-status", `Could not load the models: ${err.message}`, "error"));
+});
