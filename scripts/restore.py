@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,9 @@ from service_client import EXIT_USAGE, ScriptError, ServiceClient, add_service_a
 DESCRIPTION = """\
 Send the rows of dump files to POST /models/MODEL/restore, in batches of at most --batch rows, with
 --concurrency requests in flight. Each file is a JSON array of {"url", "embedding", "metadata"} objects;
-a folder stands for its page-*.json files in page order. Rows are sent as they are: the service checks the
-embedding's dimension against the model and stores url, metadata and embedding unchanged.
+a folder stands for its page-*.json files in page order. Rows of small files are joined into full requests.
+Rows are sent as they are: the service checks the embedding's dimension against the model and stores url,
+metadata and embedding unchanged.
 
 Restore is an upsert by url, so running it again (after a crash, or twice) is safe and stores nothing twice.
 The progress bar counts bytes of the files (it knows their total); the final JSON line on stdout counts rows.
@@ -62,8 +62,8 @@ def input_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def chunks(path: Path, batch: int) -> Iterator[Chunk]:
-    """A file's rows as request bodies; a file that fits one request is sent byte for byte."""
+def read_rows(path: Path) -> tuple[list[object], int]:
+    """A file's rows and its size in bytes."""
     data = path.read_bytes()
     try:
         rows = loads(data)
@@ -71,20 +71,29 @@ def chunks(path: Path, batch: int) -> Iterator[Chunk]:
         raise ScriptError(f"{path} is not JSON: {exc}", EXIT_USAGE) from None
     if not isinstance(rows, list):
         raise ScriptError(f"{path} holds a {type(rows).__name__}, not a list of rows", EXIT_USAGE)
-    if len(rows) <= batch:
-        if rows:
-            yield Chunk(data, len(rows), len(data))
-        return
-    for start in range(0, len(rows), batch):
-        part = rows[start : start + batch]
-        yield Chunk(dumps(part), len(part), len(data) * len(part) // len(rows))
+    return rows, len(data)
 
 
 async def produce(files: list[Path], args: argparse.Namespace, queue: asyncio.Queue[Chunk | None]) -> None:
-    """Read and split files in a thread, one file ahead of the senders at most."""
+    """Cut the rows of all files into requests of --batch rows (small page files are joined: each request
+    costs the service a fixed overhead); files are read and parsed in a thread."""
+    rows: list[object] = []
+    size = 0.0
     for path in files:
-        for chunk in await asyncio.to_thread(lambda p=path: list(chunks(p, args.batch))):  # type: ignore[misc]
-            await queue.put(chunk)
+        more, nbytes = await asyncio.to_thread(read_rows, path)
+        per_row = nbytes / len(more) if more else 0.0
+        taken = 0
+        while taken < len(more):
+            take = more[taken : taken + args.batch - len(rows)]
+            taken += len(take)
+            rows.extend(take)
+            size += per_row * len(take)
+            if len(rows) == args.batch:
+                await queue.put(Chunk(await asyncio.to_thread(dumps, rows), len(rows), round(size)))
+                rows, size = [], 0.0
+        size += nbytes - per_row * len(more)  # rounding, and files without rows
+    if rows or size:
+        await queue.put(Chunk(dumps(rows), len(rows), round(size)))
     for _ in range(args.concurrency):
         await queue.put(None)
 
@@ -92,7 +101,8 @@ async def produce(files: list[Path], args: argparse.Namespace, queue: asyncio.Qu
 async def send(client: ServiceClient, queue: asyncio.Queue[Chunk | None], bar: object, counts: list[int]) -> None:
     """Restore chunks until the stop mark."""
     while (chunk := await queue.get()) is not None:
-        await client.request("POST", client.model_path("restore"), chunk.body)
+        if chunk.rows:
+            await client.request("POST", client.model_path("restore"), chunk.body)
         counts[0] += chunk.rows
         bar.update(chunk.size)  # type: ignore[attr-defined]
 
