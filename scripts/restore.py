@@ -104,6 +104,7 @@ async def send(client: ServiceClient, queue: asyncio.Queue[Chunk | None], bar: o
         if chunk.rows:
             await client.request("POST", client.model_path("restore"), chunk.body)
         counts[0] += chunk.rows
+        bar.set_postfix(rows=counts[0], refresh=False)  # type: ignore[attr-defined]
         bar.update(chunk.size)  # type: ignore[attr-defined]
 
 
