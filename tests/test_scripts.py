@@ -193,6 +193,29 @@ async def test_killed_ingest_resumes_and_every_good_url_is_stored_once(
     assert [(f["url"], f["position"], f["type"]) for f in failed] == [(bad, 15, "image_http_error")]
 
 
+async def test_ctrl_c_stops_cleanly_and_a_torn_state_line_is_ignored(
+    service: Service, images: str, uniq: str, tmp_path: Path
+) -> None:
+    good = [f"{images}/img/{uniq}/{i}.jpg" for i in range(20)]
+    path = tmp_path / "list.txt"
+    path.write_text("\n".join(good) + "\n")
+    state = Path(f"{path}.thumb_grid.state.jsonl")
+    proc = await start("bulk_ingest.py", path, *service_args(service), "--batch", "1", "--concurrency", "1")
+    while not state.exists() or len(state.read_text().splitlines()) < 3:
+        assert proc.returncode is None, "the ingest finished before Ctrl-C"
+        await asyncio.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = await proc.communicate()
+    assert proc.returncode == 130 and "run the same command again to resume" in err.decode()
+    done = sum(e - s for line in read_jsonl(state)[1:] for s, e in line["positions"])
+    with state.open("a") as f:
+        f.write('{"positions": [[0, 2')  # a line a power cut tore
+    res = (await script("bulk_ingest.py", path, *service_args(service), "--api-key", "not-checked")).summary
+    assert res["already_done"] == done and res["added"] + res["found"] == 20 - done and res["found"] <= 1
+    assert [await stored(service, u) for u in good] == [{}] * 20
+    assert all(line.endswith("}") for line in state.read_text().splitlines())
+
+
 async def test_skip_existing_sends_nothing_the_service_holds(service: Service, images: str, uniq: str,
                                                             tmp_path: Path) -> None:
     urls = [f"{images}/img/{uniq}/{i}.jpg" for i in range(4)]
