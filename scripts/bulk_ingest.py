@@ -194,13 +194,14 @@ async def settle(client: ServiceClient, args: argparse.Namespace, batch: list[Re
         counts["found"] += len(answer.get("found", []))
         retry: dict[str, Record] = {}
         for f in answer.get("failed", []):
-            rec = pending.get(f.get("url"))  # type: ignore[arg-type]
-            if rec is None:
+            url = f.get("url")
+            sent = pending.get(url) if isinstance(url, str) else None
+            if sent is None:
                 continue
             if f.get("type") in TRANSIENT_TYPES and attempt < args.item_retries:
-                retry[rec.url] = rec  # type: ignore[index]
+                retry[str(url)] = sent
             else:
-                failures.append(failure(rec, str(f.get("error")), str(f.get("type"))))
+                failures.append(failure(sent, str(f.get("error")), str(f.get("type"))))
         pending = retry
     counts["failed"] = len(failures)
     return counts, failures
@@ -270,6 +271,8 @@ async def ingest(args: argparse.Namespace) -> int:
     async with ServiceClient(args) as client:
         await client.check_model()
         existing = await stored_urls(client) if args.skip_existing else frozenset()
+        if args.skip_existing:
+            say(f"{args.model} holds {len(existing)} urls; those are not sent")
         log = StateLog(args.state, args.failed, header, done)
         bar = progress(args, total, "img", initial=done.below(total if total is not None else args.limit))
         queue: asyncio.Queue[list[Record] | None] = asyncio.Queue(maxsize=args.concurrency)

@@ -134,7 +134,7 @@ class ServiceClient:
                 if raw:
                     return data
                 return loads(data) if data else None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise ServiceError(f"{method} {path} failed: {type(exc).__name__}: {exc}".rstrip(": ")) from None
 
     async def check_model(self) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def write_input(path: Path, fmt: str, good: list[str], bad: list[str]) -> tuple[
         path = path.with_suffix(".txt")
         path.write_text("\n".join(lines) + "\n")
     elif fmt == "jsonl":
-        rows = [{"url": u, "metadata": {"i": i, "tags": ["a", "b"]}} for i, u in enumerate(good)]
+        rows: list[dict[str, Any]] = [{"url": u, "metadata": {"i": i, "tags": ["a", "b"]}} for i, u in enumerate(good)]
         rows += [{"url": u} for u in bad] + [{"metadata": {"no": "url"}}]
         expected = {u: {"i": i, "tags": ["a", "b"]} for i, u in enumerate(good)}
         path = path.with_suffix(".jsonl")
@@ -208,8 +208,7 @@ async def test_ctrl_c_stops_cleanly_and_a_torn_state_line_is_ignored(
     _, err = await proc.communicate()
     assert proc.returncode == 130 and "run the same command again to resume" in err.decode()
     done = sum(e - s for line in read_jsonl(state)[1:] for s, e in line["positions"])
-    with state.open("a") as f:
-        f.write('{"positions": [[0, 2')  # a line a power cut tore
+    state.write_text(state.read_text() + '{"positions": [[0, 2')  # a line a power cut tore
     res = (await script("bulk_ingest.py", path, *service_args(service), "--api-key", "not-checked")).summary
     assert res["already_done"] == done and res["added"] + res["found"] == 20 - done and res["found"] <= 1
     assert [await stored(service, u) for u in good] == [{}] * 20
