@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest_input import FORMATS, InputSpec, Record, open_text, read_records
+from ingest_input import count_records as count_input
 from ingest_state import DoneRanges, StateLog, load_state
 from service_client import (
     EXIT_USAGE,
@@ -138,7 +139,7 @@ def count_records(args: argparse.Namespace) -> int | None:
     if args.input == "-":
         return args.limit
     with open_text(args.input) as f:
-        n = sum(1 for _ in read_records(input_spec(args), f))
+        n = count_input(input_spec(args), f)
     return n if args.limit is None else min(n, args.limit)
 
 

@@ -72,6 +72,17 @@ def read_records(spec: InputSpec, stream: TextIO) -> Iterator[Record]:
     return text_records(lines)
 
 
+def count_records(spec: InputSpec, stream: TextIO) -> int:
+    """How many records the input holds; for text and JSON Lines without parsing JSON (one per content line)."""
+    lines: Iterator[str] = iter(stream)
+    fmt = spec.fmt
+    if fmt == "auto":
+        fmt, lines = detect(spec.path, lines)
+    if fmt == "csv":
+        return sum(1 for _ in csv_records(lines, spec.url_column, spec.metadata_column))
+    return sum(1 for _ in content_lines(lines))
+
+
 def content_lines(lines: Iterable[str]) -> Iterator[str]:
     """Non-blank lines that are not '#' comments, stripped."""
     for line in lines:
