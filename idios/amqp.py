@@ -68,7 +68,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
 
 def job_message(job: ImageJob, correlation_id: str, reply_to: str, attempt: int = 1) -> aio_pika.Message:
     return aio_pika.Message(
-        orjson.dumps(job.to_wire()),
+        orjson.dumps(job.to_wire(), option=orjson.OPT_SERIALIZE_NUMPY),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         correlation_id=correlation_id,

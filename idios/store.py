@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 URL_MAX = 2083
 QUERY_WINDOW = 16384  # Milvus caps offset + limit of one query
+ROWS_PER_QUERY = 500  # rows fetched by primary key per query when a page carries vectors
 
 
 @dataclass(frozen=True)
@@ -195,14 +196,28 @@ class CollectionStore:
         return int(res[0]["count(*)"])
 
     async def page(self, model: str, cursor: str | None, limit: int, with_data: bool) -> list[dict[str, Any]]:
-        """Rows with url > cursor in url order. Milvus returns a limited query merged in primary-key order."""
-        fields = ["url", "embedding", "metadata"] if with_data else ["url"]
-        limit = min(limit, QUERY_WINDOW)
+        """Rows with url > cursor in url order. Milvus returns a limited query merged in primary-key order.
+
+        With data, the page's urls come first and their rows second, in chunks: Milvus Lite answers a range
+        query that also returns vectors in time that grows much faster than the page (measured at 20k rows:
+        4,000 rows 0.8 s in one query, 0.2 s this way; 8,000 rows 29 s in one query).
+        """
+        name = self._collection(model)
         expr = url_after(self._key(cursor) if cursor else None) or 'url >= ""'
-        res = await self.client.query(self._collection(model), filter=expr, output_fields=fields, limit=limit)
-        rows = sorted(res, key=lambda r: r["url"])
-        for row in rows:
-            row["url"] = self._url(row["url"])
+        keys = await self.client.query(name, filter=expr, output_fields=["url"], limit=min(limit, QUERY_WINDOW))
+        ordered = sorted(r["url"] for r in keys)
+        if not with_data:
+            return [{"url": self._url(k)} for k in ordered]
+        by_key: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ordered), ROWS_PER_QUERY):
+            chunk = ordered[start : start + ROWS_PER_QUERY]
+            for row in await self.client.query(name, filter=url_in(chunk), output_fields=["url", "embedding", "metadata"]):
+                by_key[row["url"]] = row
+        rows = []
+        for key in ordered:
+            row = by_key.get(key)
+            if row is not None:  # removed between the two queries
+                rows.append({"url": self._url(key), "embedding": row["embedding"], "metadata": row["metadata"]})
         return rows
 
     async def remove(self, model: str, url: str) -> None:

@@ -20,6 +20,7 @@ from idios.api.schemas import (
     PageRequest,
     RemoveRequest,
     RestoreItem,
+    RestoreRow,
     SearchRequest,
     item_error,
     parse,
@@ -139,6 +140,29 @@ async def add_bulk(request: web.Request) -> web.Response:
     return json_response({"added": added, "found": [u for u in valid if u in found], "failed": failed})
 
 
+def embedding_matrix(vectors: list[Any], spec: ModelSpec) -> np.ndarray:
+    """All embeddings of a restore as one float32 matrix, checked at once; a 422 names the first bad row."""
+    try:
+        matrix = np.asarray(vectors, dtype=np.float32)
+        if matrix.shape == (len(vectors), spec.dim) and np.isfinite(matrix).all():
+            return matrix
+    except (ValueError, TypeError):
+        pass
+    for i, vec in enumerate(vectors):  # the slow path, only to say what is wrong where
+        item, reason = item_error(RestoreItem, {"url": "http://x.invalid/", "embedding": vec})
+        if item is None:
+            raise errors.RequestInvalid([{"loc": ["body", i, "embedding"], "msg": str(reason).split(": ", 1)[-1],
+                                          "type": "float_type"}])
+        if len(item.embedding) != spec.dim:
+            raise errors.DimensionMismatch(
+                f"embedding has {len(item.embedding)} values; model {spec.name} stores {spec.dim}",
+                loc=("body", i, "embedding"),
+            )
+        if not np.isfinite(np.asarray(item.embedding)).all():
+            raise errors.FieldError("embedding values must be finite", loc=("body", i, "embedding"))
+    raise errors.FieldError("embeddings could not be read", loc=("body",))
+
+
 @routes.post("/models/{model}/restore")
 async def restore(request: web.Request) -> web.Response:
     spec = model_of(request)
@@ -148,15 +172,9 @@ async def restore(request: web.Request) -> web.Response:
         raise errors.RequestInvalid(
             [{"loc": ["body"], "msg": f"a list of at most {limit} items is required", "type": "list_type"}]
         )
-    rows = []
-    for i, raw in enumerate(items):
-        item = parse(RestoreItem, raw, prefix=("body", i))
-        if len(item.embedding) != spec.dim:
-            raise errors.DimensionMismatch(
-                f"embedding has {len(item.embedding)} values; model {spec.name} stores {spec.dim}",
-                loc=("body", i, "embedding"),
-            )
-        rows.append({"url": item.url, "metadata": item.metadata, "embedding": item.embedding})
+    parsed = [parse(RestoreRow, raw, prefix=("body", i)) for i, raw in enumerate(items)]
+    matrix = embedding_matrix([row.embedding for row in parsed], spec)
+    rows = [{"url": row.url, "metadata": row.metadata, "embedding": vec} for row, vec in zip(parsed, matrix, strict=True)]
     rid = request_id(request)
     await asyncio.gather(*(
         run_job(request, ImageJob(JobKind.RESTORE, spec.name, rows=rows[i : i + RESTORE_JOB_ROWS], request_id=rid))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -16,10 +17,13 @@ METADATA_MAX = 65535
 PAGE_MAX = 16384
 
 
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def check_url(value: str) -> str:
     if len(value) > URL_MAX:
         raise PydanticCustomError("value_error.url", f"URL is longer than {URL_MAX} characters")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise PydanticCustomError("value_error.url", "URL must not contain spaces or control characters")
     try:
         parsed = URL(value)
@@ -87,6 +91,14 @@ class RestoreItem(Body):
     url: ImageUrl
     metadata: Metadata = None
     embedding: list[float] = Field(min_length=1)
+
+
+class RestoreRow(Body):
+    """RestoreItem without validating the embedding value by value: numpy checks a whole request at once."""
+
+    url: ImageUrl
+    metadata: Metadata = None
+    embedding: Any
 
 
 B = TypeVar("B", bound=BaseModel)
