@@ -86,7 +86,7 @@ class MicroBatcher(Generic[T, R]):
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return batch
 

@@ -79,7 +79,7 @@ def to_tensor(im: Image.Image, spec: ModelSpec) -> np.ndarray:
         left = int(round((new_w - size) / 2.0))
         top = int(round((new_h - size) / 2.0))
         im = im.crop((left, top, left + size, top + size))
-    arr = np.asarray(im, dtype=np.float32) * np.float32(1 / 255)
+    arr: np.ndarray = np.asarray(im, dtype=np.float32) * np.float32(1 / 255)
     arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 

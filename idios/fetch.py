@@ -9,8 +9,8 @@ import aiohttp
 from yarl import URL
 
 from idios import errors
-from idios.netguard import AddressPolicy, BlockedAddress, GuardedResolver, literal_address
 from idios.metrics import Metrics
+from idios.netguard import AddressPolicy, BlockedAddress, GuardedResolver, literal_address
 from idios.settings import Settings
 
 REDIRECTS = {301, 302, 303, 307, 308}

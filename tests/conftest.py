@@ -22,7 +22,7 @@ from tests.imagekit import image_server
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import make_thumb_model  # noqa: E402
+import make_thumb_model
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 from PIL import Image, ImageDraw, ImageFilter
 
-
 BLOBS = web.AppKey("blobs", dict)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from idios.settings import Settings
 from tests.conftest import Service, running_service
 

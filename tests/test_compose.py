@@ -91,7 +91,7 @@ def test_workers_can_scale() -> None:
 
 def test_every_required_variable_is_in_the_env_example() -> None:
     example = (COMPOSE / ".env.example").read_text()
-    documented = set(re.findall(r"^([A-Z0-9_]+)=", example, re.M))
+    documented = set(re.findall(r"^([A-Z0-9_]+)=", example, re.MULTILINE))
     for path in FILES:
         for var in INTERPOLATION.findall(path.read_text()):
             assert var in documented or var in SETTING_VARS, f"{path.name}: ${{{var}}} is not in .env.example"

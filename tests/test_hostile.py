@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from aiohttp import web
+from PIL import Image
 
 from idios.settings import Settings
 from tests.conftest import Service, make_settings, running_service
