@@ -42,6 +42,16 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
     return im
 
 
+# 16-bit greyscale (PNG, TIFF) opens in these modes; Pillow's convert("RGB") clips them at 255 instead of scaling.
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _grey16_to_l(im: Image.Image) -> Image.Image:
+    """16-bit greyscale → 8-bit by dropping the low byte (values above 16 bits are clipped)."""
+    arr = np.asarray(im).astype(np.int64)
+    return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), "L")
+
+
 def load_rgb(data: bytes, target: int, limits: DecodeLimits) -> Image.Image:
     """Open, check, decode (JPEG near the target size), EXIF-rotate and convert to RGB."""
     im = _open(data, limits)
@@ -53,6 +63,8 @@ def load_rgb(data: bytes, target: int, limits: DecodeLimits) -> Image.Image:
             warnings.simplefilter("ignore")
             im.load()
             im = ImageOps.exif_transpose(im)
+            if im.mode in WIDE_GREY:
+                im = _grey16_to_l(im)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
             if im.mode != "RGB":

@@ -106,3 +106,11 @@ def test_unusable_images_are_refused(data: bytes, error: type[errors.IdiosError]
     with pytest.raises(error) as info:
         preprocess(data, SPEC, LIMITS)
     assert info.value.status == 422 and info.value.message
+
+
+def test_16_bit_greyscale_keeps_its_tones() -> None:
+    """Pillow's own convert("RGB") clips 16-bit values at 255, turning most of a photo white."""
+    grey = np.asarray(picture("wide").convert("L"))
+    wide = Image.fromarray(grey.astype(np.uint16) * 257)
+    rgb = np.asarray(load_rgb(encode(wide, "PNG"), 224, LIMITS))
+    assert np.array_equal(rgb[..., 0], grey) and np.array_equal(rgb[..., 2], grey)
