@@ -33,7 +33,7 @@ class JobHandler:
     def __init__(self, settings: Settings, store: CollectionStore) -> None:
         self.settings = settings
         self.store = store
-        self.limits = DecodeLimits(settings.min_image_side, settings.max_image_side, settings.max_image_pixels)
+        self.limits = DecodeLimits(settings.min_image_side, settings.max_image_pixels)
         self.runtimes: dict[str, ModelRuntime] = {}
         self.writers: dict[str, MicroBatcher[Row, None]] = {}
         self._fetcher: ImageFetcher | None = None
