@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import html
-import re
 from collections.abc import Callable
 
 import ftfy
-
-_SPACES = re.compile(r"\s+")
 
 
 def clip_clean(text: str) -> str:
     """open_clip's SimpleTokenizer clean-up: ftfy, HTML entities (twice), collapsed whitespace, lower case."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return _SPACES.sub(" ", text).strip().lower()
+    return " ".join(text.split()).lower()
 
 
 def identity(text: str) -> str:
