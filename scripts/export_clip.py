@@ -18,6 +18,10 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights could not be downloaded or read."""
 
 
+class UnknownArch(ValueError):
+    """The architecture is not one open_clip knows."""
+
+
 class ImageTower(nn.Module):
     """The visual tower with a unit-length output, as the runtime stores it."""
 
@@ -61,6 +65,8 @@ def load(arch: str, pretrained: str | None, random_weights: bool = False) -> Cli
     random export has exactly the graph of the real one."""
     import open_clip
 
+    if arch not in open_clip.list_models():
+        raise UnknownArch(f"open_clip has no architecture {arch!r} (open_clip.list_models() lists them)")
     quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
     torch.manual_seed(0)
     try:

@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         folders = export(args.model, args.out, args.name, args.random_weights, args.int8)
+    except ec.UnknownArch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ec.WeightsUnavailable as exc:
         print(f"error: {exc}. Check the network, or pass --random-weights for an untrained export "
               "(tests and benchmarks only).", file=sys.stderr)

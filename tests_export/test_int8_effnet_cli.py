@@ -80,3 +80,5 @@ def test_unavailable_weights_fail_in_one_line(model: str, tmp_path: Path) -> Non
 def test_unknown_model_needs_an_arch_pair(tmp_path: Path) -> None:
     proc = run_cli("vit_h99", tmp=tmp_path)
     assert proc.returncode != 0 and "ARCH:PRETRAINED" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("ViT-Q-99:openai", "--name", "q", "--random-weights", tmp=tmp_path)
+    assert proc.returncode == 2 and "no architecture 'ViT-Q-99'" in proc.stderr and "Traceback" not in proc.stderr
