@@ -143,7 +143,7 @@ def export(model: str, out_dir: Path, name: str | None, random_weights: bool, in
         manifest = export_effnet(folder, name, random_weights)
     else:
         manifest = export_clip(folder, name, arch, pretrained, random_weights)
-        manifest["source"]["pretrained_requested"] = pretrained
+        manifest["source"]["pretrained_requested"] = pretrained_label(pretrained)
     manifest.update(precision="fp32", random_weights=random_weights)
     write_manifest(folder, manifest)
     folders = [folder]
