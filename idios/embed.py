@@ -17,6 +17,7 @@ from idios.batcher import MicroBatcher
 from idios.metrics import Metrics
 from idios.models import ModelSpec, TextTower
 from idios.settings import Settings
+from idios.textclean import CLEANERS
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,22 @@ class OnnxTower:
 
 
 class TextEncoder:
-    """Tokenise with the model's tokenizer.json (Hugging Face `tokenizers`) and run the text tower."""
+    """Tokenise with the model's tokenizer.json (Hugging Face `tokenizers`) and run the text tower.
+
+    Truncation leaves room for the tokens the post-processor adds, so CLIP's end token survives long texts."""
 
     def __init__(self, tower: TextTower, threads: int) -> None:
         from tokenizers import Tokenizer
 
         self.context_length = tower.context_length
+        self.clean = CLEANERS[tower.clean]
         self.tokenizer = Tokenizer.from_file(str(tower.tokenizer))
         self.tokenizer.enable_truncation(max_length=tower.context_length)
         self.tokenizer.enable_padding(length=tower.context_length, pad_id=0)
         self.tower = OnnxTower(tower.file, threads)
 
     def tokens(self, texts: list[str]) -> np.ndarray:
-        encoded = self.tokenizer.encode_batch(texts)
+        encoded = self.tokenizer.encode_batch([self.clean(t) for t in texts])
         return np.asarray([e.ids for e in encoded], dtype=np.int64)
 
     def run(self, texts: list[str]) -> np.ndarray:

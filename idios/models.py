@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from idios.textclean import CLEANERS
+
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -21,6 +23,7 @@ class TextTower:
     file: Path
     tokenizer: Path
     context_length: int
+    clean: str = "none"  # a key of idios.textclean.CLEANERS: what the model's tokenizer did before BPE
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,12 @@ def load_manifest(folder: Path) -> ModelSpec:
     text = None
     if raw.get("text"):
         t = raw["text"]
-        text = TextTower(folder / t["file"], folder / t["tokenizer"], int(t.get("context_length", 77)))
+        clean = str(t.get("clean", "none"))
+        text = TextTower(folder / t["file"], folder / t["tokenizer"], int(t.get("context_length", 77)), clean)
         if not text.file.is_file() or not text.tokenizer.is_file():
             raise ValueError(f"{folder}: text tower or tokenizer file is missing")
+        if clean not in CLEANERS:
+            raise ValueError(f"{folder}: text clean must be one of {sorted(CLEANERS)}")
     resize = str(raw.get("resize", "shortest"))
     if resize not in ("shortest", "squash"):
         raise ValueError(f"{folder}: resize must be 'shortest' or 'squash'")

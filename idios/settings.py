@@ -50,7 +50,6 @@ class Settings:
     max_image_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "largest image download"})
     max_image_pixels: int = field(default=100_000_000, metadata={"help": "largest declared image area"})
     min_image_side: int = field(default=150, metadata={"help": "smallest accepted image side, pixels"})
-    max_image_side: int = field(default=1000, metadata={"help": "images are downscaled to this side first"})
     decode_threads: int = field(default=2, metadata={"help": "threads decoding images"})
     onnx_threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads (0 = all cores)"})
     max_in_flight: int = field(default=256, metadata={"help": "jobs a worker holds at once"})

@@ -35,7 +35,7 @@ class JobHandler:
         self.settings = settings
         self.metrics = metrics
         self.store = store
-        self.limits = DecodeLimits(settings.min_image_side, settings.max_image_side, settings.max_image_pixels)
+        self.limits = DecodeLimits(settings.min_image_side, settings.max_image_pixels)
         self.runtimes: dict[str, ModelRuntime] = {}
         self.writers: dict[str, MicroBatcher[Row, None]] = {}
         self._fetcher: ImageFetcher | None = None

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Near-duplicate retrieval on real photographs that ship in scikit-image: recall@1 per edit, per model.
+
+Images: each photo and its four corner tiles. Index: every original, plus every edited copy of the distractor
+images. Query: each edited copy of the query images; a hit is the query's own original ranked first. Images go
+through the service's own decoder and ONNX session.
+
+    python scripts/neardup_recall.py MODEL_DIR [MODEL_DIR ...]
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from idios.decode import DecodeLimits, preprocess  # noqa: E402
+from idios.embed import OnnxTower  # noqa: E402
+from idios.models import load_manifest  # noqa: E402
+
+# Photographs bundled with scikit-image (no download); "camera", "moon" etc. are grey.
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "coins", "page", "clock", "horse",
+          "grass", "gravel", "brick", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "text")
+TILE = 0.6  # each photo also yields its four corner tiles: look-alike neighbours that make the task harder
+
+
+def _jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _crop(im: Image.Image) -> Image.Image:
+    w, h = im.size
+    return im.crop((w // 10, h // 12, w - w // 20, h - h // 10))
+
+
+EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "crop 85%": _crop,
+    "resize 50%": lambda im: im.resize((im.width // 2, im.height // 2), Image.Resampling.BILINEAR),
+    "jpeg q30": lambda im: Image.open(io.BytesIO(_jpeg(im, 30))),
+    "brightness +30%": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
+    "rotate 5°": lambda im: im.rotate(5, resample=Image.Resampling.BICUBIC, expand=False),
+    "grayscale": lambda im: ImageOps.grayscale(im).convert("RGB"),
+    "flip": ImageOps.mirror,
+}
+
+
+def photos() -> dict[str, Image.Image]:
+    """The bundled photos as RGB, in a fixed order; those that fail to load or are too small are skipped."""
+    from skimage import data
+
+    out = {}
+    for name in PHOTOS:
+        try:
+            arr = np.asarray(getattr(data, name)())
+        except Exception:  # a photo that would need a download
+            continue
+        if arr.dtype != np.uint8:
+            arr = (255 * (arr.astype(np.float64) / max(float(arr.max()), 1e-9))).astype(np.uint8)
+        im = Image.fromarray(arr).convert("RGB")
+        if min(im.size) >= 250:
+            # at least 512 px a side, so that halved tiles stay above the service's 150 px minimum
+            scale = max(1.0, 512 / min(im.size))
+            out[name] = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+    return out
+
+
+def images() -> dict[str, Image.Image]:
+    """Every photo and its four corner tiles (60% of each side), as distinct images."""
+    out = {}
+    for name, im in photos().items():
+        out[name] = im
+        w, h = im.size
+        tw, th = int(w * TILE), int(h * TILE)
+        for corner, (x, y) in {"nw": (0, 0), "ne": (w - tw, 0), "sw": (0, h - th), "se": (w - tw, h - th)}.items():
+            out[f"{name}/{corner}"] = im.crop((x, y, x + tw, y + th))
+    return out
+
+
+def recall_table(model_dirs: list[Path]) -> dict[str, dict[str, float]]:
+    """recall@1 for each model (by name) and edit."""
+    pics = images()
+    names = list(pics)
+    queries, distractors = names[0::2], names[1::2]
+    table: dict[str, dict[str, float]] = {}
+    for folder in model_dirs:
+        spec = load_manifest(folder)
+        tower = OnnxTower(spec.visual, threads=2)
+
+        def embed(im: Image.Image) -> np.ndarray:
+            return tower.run(preprocess(_jpeg(im, 95), spec, DecodeLimits())[None])[0]
+
+        index_ids = list(names) + [f"{d} ({e})" for d in distractors for e in EDITS]
+        index = np.stack([embed(pics[n]) for n in names] + [embed(f(pics[d])) for d in distractors for f in EDITS.values()])
+        row = {}
+        for edit, fn in EDITS.items():
+            hits = [index_ids[int(np.argmax(index @ embed(fn(pics[q]))))] == q for q in queries]
+            row[edit] = sum(hits) / len(hits)
+        table[spec.name] = row
+    return table
+
+
+def main() -> None:
+    dirs = [Path(p) for p in sys.argv[1:]]
+    if not dirs:
+        raise SystemExit(__doc__)
+    table = recall_table(dirs)
+    models = list(table)
+    n = len(images())
+    print(f"recall@1 over {n} images ({len(photos())} photos and their corner tiles): queries are the edited copies "
+          f"of every other image; the index holds all {n} originals and the edited copies of the rest")
+    print("| edit | " + " | ".join(models) + " |")
+    print("| --- |" + " --- |" * len(models))
+    for edit in EDITS:
+        print(f"| {edit} | " + " | ".join(f"{table[m][edit]:.2f}" for m in models) + " |")
+    means = [sum(table[m].values()) / len(EDITS) for m in models]
+    print("| mean | " + " | ".join(f"{v:.2f}" for v in means) + " |")
+
+
+if __name__ == "__main__":
+    main()
