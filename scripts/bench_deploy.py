@@ -103,6 +103,7 @@ class Deployment:
 
     url: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    metrics_url: str = ""  # where the worker's Prometheus metrics are (batch sizes and times per stage)
 
     def rss(self) -> dict[str, float]:
         out = {role: peak_rss_mb(p.pid) for role, p in self.procs.items()}
@@ -167,7 +168,7 @@ async def embedded(models: Path, tmp: Path) -> AsyncIterator[Deployment]:
     try:
         url = f"http://127.0.0.1:{port}"
         await wait_ready(url, [proc], "/ping")
-        yield Deployment(url, {"serve": proc})
+        yield Deployment(url, {"serve": proc}, url + "/metrics")
     finally:
         stop(proc)
 
@@ -219,13 +220,15 @@ async def distributed(models: Path, tmp: Path, workers: int = 1) -> AsyncIterato
                         data_dir=tmp / "distributed")
         procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
+            health = free_port()
             for i in range(workers):
-                procs[f"worker{i}" if workers > 1 else "worker"] = start("worker", tmp / f"worker{i}.log", **settings)
+                role, extra = (f"worker{i}", {}) if workers > 1 else ("worker", {"health_port": health})
+                procs[role] = start("worker", tmp / f"worker{i}.log", **(settings | extra))
             port = free_port()
             procs["api"] = start("api", tmp / "api.log", port=port, **settings)
             url = f"http://127.0.0.1:{port}"
             await wait_ready(url, list(procs.values()), "/ping?rpc=1")
-            yield Deployment(url, procs)
+            yield Deployment(url, procs, f"http://127.0.0.1:{health}/metrics" if workers == 1 else "")
         finally:
             for proc in procs.values():
                 stop(proc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_deploy as deploy  # noqa: E402
+from idios.decode import DecodeLimits, preprocess  # noqa: E402
 from idios.embed import OnnxTower  # noqa: E402
 from idios.models import ModelSpec, discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
@@ -103,6 +105,17 @@ def measure_ceiling(spec: ModelSpec, batch: int, seconds: float) -> Figures:
     return {"batch": batch, "images_per_s": ips, "single_image_ms": 1000 * statistics.median(single)}
 
 
+def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
+    """Milliseconds per image of the service's decode + preprocess (one thread) on the benchmark's JPEGs."""
+    limits = DecodeLimits(Settings().min_image_side, Settings().max_image_side, Settings().max_image_pixels)
+    sample = pool[:64]
+    preprocess(sample[0], spec, limits)
+    start = time.perf_counter()
+    for data in sample:
+        preprocess(data, spec, limits)
+    return 1000 * (time.perf_counter() - start) / len(sample)
+
+
 # ---- ingest -----------------------------------------------------------------------------------------------------
 
 async def post_ok(http: aiohttp.ClientSession, url: str, **kw: Any) -> Any:
@@ -111,6 +124,31 @@ async def post_ok(http: aiohttp.ClientSession, url: str, **kw: Any) -> Any:
         if resp.status >= 300:
             raise RuntimeError(f"POST {url} answered {resp.status}: {body[:300]!r}")
         return orjson.loads(body) if body else None
+
+
+async def batch_totals(http: aiohttp.ClientSession, svc: deploy.Deployment) -> dict[str, float]:
+    """Sums of the worker's idios_batch_seconds / idios_batch_size histograms by stage (embed, write)."""
+    if not svc.metrics_url:
+        return {}
+    async with http.get(svc.metrics_url) as resp:
+        text = await resp.text()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'idios_batch_(seconds|size)_(sum|count)\{.*stage="(\w+)".*\} (\S+)$', line)
+        if m:
+            key = f"{m[3]}_{m[1]}_{m[2]}"
+            totals[key] = totals.get(key, 0.0) + float(m[4])
+    return totals
+
+
+def where_time_goes(before: dict[str, float], after: dict[str, float], wall: float) -> Figures:
+    """From the worker's own metrics over the timed ingest: how busy the model was, mean batch, Milvus time."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    if not d.get("embed_size_count"):
+        return {}
+    return {"model_busy_fraction": d["embed_seconds_sum"] / wall,
+            "mean_embed_batch": d["embed_size_sum"] / d["embed_size_count"],
+            "milvus_write_fraction": d.get("write_seconds_sum", 0.0) / wall}
 
 
 async def run_clients(n: int, clients: int, one: Callable[[int], Awaitable[None]]) -> float:
@@ -146,11 +184,13 @@ async def ingest(svc: deploy.Deployment, model: str, images: str, tag: str, coun
             if out["failed"] or len(out["added"]) != len(items):
                 raise RuntimeError(f"add_bulk failed: {out['failed'][:3]}")
 
+        before = await batch_totals(http, svc)
         t_add = await run_clients(n_add, clients, add)
         chunks = -(-n_bulk // BULK_ITEMS)
         t_bulk = await run_clients(chunks, max(2, clients // 8), bulk)
+        profile = where_time_goes(before, await batch_totals(http, svc), t_add + t_bulk)
     return {"images": count, "add_images_per_s": n_add / t_add, "add_bulk_images_per_s": n_bulk / t_bulk,
-            "images_per_s": count / (t_add + t_bulk)}
+            "images_per_s": count / (t_add + t_bulk)} | profile
 
 
 # ---- restore, search, dump --------------------------------------------------------------------------------------
@@ -229,12 +269,21 @@ async def search(svc: deploy.Deployment, spec: ModelSpec, images: str, pool: lis
 
 # ---- the run ----------------------------------------------------------------------------------------------------
 
+async def ingest_against_ceiling(args: argparse.Namespace, spec: ModelSpec, svc: deploy.Deployment, images: str,
+                                 tag: str) -> Figures:
+    """Ingest, with the bare-model ceiling measured just before (service started, idle): on a shared machine
+    the CPU left to us changes by the minute, so only figures taken side by side make a fair ratio."""
+    note(f"ingest: {tag} (ceiling first)")
+    ceiling = await asyncio.to_thread(measure_ceiling, spec, Settings().max_batch, args.seconds)
+    out = await ingest(svc, spec.name, images, tag, args.images, args.concurrency)
+    return out | {"ceiling_images_per_s": ceiling["images_per_s"]}
+
+
 async def embedded_phases(args: argparse.Namespace, spec: ModelSpec, models: Path, tmp: Path, images: str,
                           pool: list[bytes], fig: Figures) -> None:
     async with deploy.embedded(models, tmp) as svc:
         if "ingest" not in args.skip:
-            note("ingest: embedded")
-            fig["ingest"]["embedded"] = await ingest(svc, spec.name, images, "emb", args.images, args.concurrency)
+            fig["ingest"]["embedded"] = await ingest_against_ceiling(args, spec, svc, images, "embedded")
         if "restore" not in args.skip:
             note(f"restore: {args.rows:,} rows")
             fig["restore"] = await restore(svc, spec.name, args.rows, spec.dim)
@@ -249,9 +298,8 @@ async def embedded_phases(args: argparse.Namespace, spec: ModelSpec, models: Pat
 
 async def amqp_phases(args: argparse.Namespace, spec: ModelSpec, models: Path, tmp: Path, images: str,
                       fig: Figures) -> None:
-    note("ingest: RabbitMQ, 1 worker")
     async with deploy.distributed(models, tmp, workers=1) as svc:
-        fig["ingest"]["amqp_1_worker"] = await ingest(svc, spec.name, images, "amqp", args.images, args.concurrency)
+        fig["ingest"]["amqp_1_worker"] = await ingest_against_ceiling(args, spec, svc, images, "amqp")
         fig["rss_mb"]["amqp"] = svc.rss()
 
 
@@ -263,6 +311,7 @@ async def run(args: argparse.Namespace) -> Figures:
         note(f"ceiling: {spec.name}, batch {batch}")
         fig["ceiling"] = measure_ceiling(spec, batch, args.seconds)
     pool = deploy.jpeg_pool(min(max(args.images, args.searches + 1), 256))
+    fig["decode_ms_per_image"] = measure_decode(spec, pool)
     with tempfile.TemporaryDirectory(prefix="idios-bench-") as name:
         tmp = Path(name)
         models = only_model(spec, tmp)
@@ -283,10 +332,8 @@ def meta(args: argparse.Namespace, spec: ModelSpec, batch: int) -> Figures:
 
 
 def add_ratios(fig: Figures) -> None:
-    ceiling = fig.get("ceiling", {}).get("images_per_s")
-    if ceiling:
-        for figures in fig["ingest"].values():
-            figures["ratio_to_ceiling"] = figures["images_per_s"] / ceiling
+    for figures in fig["ingest"].values():
+        figures["ratio_to_ceiling"] = figures["images_per_s"] / figures["ceiling_images_per_s"]
     if "search" in fig and "ceiling" in fig:
         single = fig["ceiling"]["single_image_ms"]
         fig["search"]["image_url_p50_over_single_image"] = fig["search"]["image_url"]["p50_ms"] / single
@@ -303,12 +350,18 @@ def table(fig: Figures) -> str:
     if "ceiling" in fig:
         row("ceiling: bare ONNX, service batch", fig["ceiling"]["images_per_s"], "img/s")
         row("model latency: bare ONNX, batch 1", fig["ceiling"]["single_image_ms"], "ms")
+    row("decode + preprocess, one thread", fig["decode_ms_per_image"], "ms/image")
     for where, f in fig["ingest"].items():
         row(f"ingest {where}: add", f["add_images_per_s"], "img/s")
         row(f"ingest {where}: add_bulk", f["add_bulk_images_per_s"], "img/s")
         row(f"ingest {where}: all", f["images_per_s"], "img/s")
+        row(f"ingest {where}: ceiling measured just before", f["ceiling_images_per_s"], "img/s")
         if "ratio_to_ceiling" in f:
             row(f"ingest {where} / ceiling", f["ratio_to_ceiling"], "", 3)
+        if "model_busy_fraction" in f:
+            row(f"ingest {where}: model busy fraction", f["model_busy_fraction"], "", 3)
+            row(f"ingest {where}: Milvus write fraction", f["milvus_write_fraction"], "", 3)
+            row(f"ingest {where}: mean model batch", f["mean_embed_batch"], "images")
     for kind, f in fig.get("search", {}).items():
         if isinstance(f, dict):  # the ratio is printed below
             lines.append(f"  {'search ' + kind + ' p50/p95/p99':<44} "
