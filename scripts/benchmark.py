@@ -355,7 +355,7 @@ def table(fig: Figures) -> str:
         row(f"ingest {where}: add", f["add_images_per_s"], "img/s")
         row(f"ingest {where}: add_bulk", f["add_bulk_images_per_s"], "img/s")
         row(f"ingest {where}: all", f["images_per_s"], "img/s")
-        row(f"ingest {where}: ceiling measured just before", f["ceiling_images_per_s"], "img/s")
+        row(f"ingest {where}: ceiling just before", f["ceiling_images_per_s"], "img/s")
         if "ratio_to_ceiling" in f:
             row(f"ingest {where} / ceiling", f["ratio_to_ceiling"], "", 3)
         if "model_busy_fraction" in f:

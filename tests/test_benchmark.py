@@ -45,7 +45,8 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
     assert set(fig["ingest"]) == {"embedded", "amqp_1_worker"}
     for figures in fig["ingest"].values():
         assert set(figures) >= {"add_images_per_s", "add_bulk_images_per_s", "images_per_s", "ratio_to_ceiling",
-                                "ceiling_images_per_s", "model_busy_fraction", "mean_embed_batch", "milvus_write_fraction"}
+                                "ceiling_images_per_s", "model_busy_fraction", "mean_embed_batch",
+                                "milvus_write_fraction"}
     for kind in ("indexed_url", "image_url", "upload", "text"):
         assert set(fig["search"][kind]) == {"p50_ms", "p95_ms", "p99_ms", "n"}
     assert fig["restore"]["rows"] == 2000
