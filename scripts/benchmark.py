@@ -1,0 +1,390 @@
+#!/usr/bin/env python3
+"""Measure Idios on this machine in one run: the model's ceiling, ingest through the API (embedded and over
+RabbitMQ with one worker), search latency with N stored rows, restore and dump rates, and peak RSS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench_deploy as deploy  # noqa: E402
+from idios.decode import DecodeLimits, preprocess  # noqa: E402
+from idios.embed import OnnxTower  # noqa: E402
+from idios.models import ModelSpec, discover  # noqa: E402
+from idios.settings import Settings  # noqa: E402
+
+PHASES = ("ceiling", "ingest", "amqp", "restore", "search", "dump")
+BULK_ITEMS = 32  # urls per add_bulk request
+RESTORE_ROWS = 10_000  # rows per restore request (the service's default limit)
+DUMP_PAGE = 10_000
+Figures = dict[str, Any]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="folder of model folders")
+    p.add_argument("--model", help="model to measure (default: the first one found)")
+    p.add_argument("--rows", type=int, default=100_000, help="rows restored for the search/dump phases")
+    p.add_argument("--images", type=int, default=320, help="images ingested per deployment (half add, half add_bulk)")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent add clients")
+    p.add_argument("--searches", type=int, default=60, help="requests per search kind")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds the bare-model ceiling is measured for")
+    p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {', '.join(PHASES)}")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.skip - set(PHASES):
+        p.error(f"unknown phase in --skip: {', '.join(sorted(args.skip - set(PHASES)))}")
+    return args
+
+
+def pick_model(args: argparse.Namespace) -> ModelSpec:
+    specs = discover(args.models_dir)
+    if not specs:
+        raise SystemExit(f"no model under {args.models_dir}")
+    name = args.model or next(iter(specs))
+    if name not in specs:
+        raise SystemExit(f"model {name!r} not found (models: {', '.join(specs)})")
+    return specs[name]
+
+
+def only_model(spec: ModelSpec, tmp: Path) -> Path:
+    """A models folder holding just this model, so the service loads (and its RSS counts) only it."""
+    folder = tmp / "models"
+    folder.mkdir()
+    (folder / spec.visual.parent.name).symlink_to(spec.visual.parent.resolve())
+    return folder
+
+
+def note(message: str) -> None:
+    """Progress on stderr, so a long run shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def quantiles_ms(samples: list[float]) -> Figures:
+    q = np.percentile(np.asarray(samples) * 1000, [50, 95, 99])
+    return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "p99_ms": float(q[2]), "n": len(samples)}
+
+
+# ---- the bare model ---------------------------------------------------------------------------------------------
+
+def measure_ceiling(spec: ModelSpec, batch: int, seconds: float) -> Figures:
+    """Bare onnxruntime throughput at the service's batch size, and batch-1 latency, same threads as the service."""
+    tower = OnnxTower(spec.visual, Settings().onnx_threads or os.cpu_count() or 1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, spec.image_size, spec.image_size)).astype(np.float32)
+    tower.run(x)  # warm-up: the first run allocates
+    runs, start = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - start < seconds:
+        tower.run(x)
+        runs += 1
+    ips = runs * batch / (time.perf_counter() - start)
+    single = []
+    one = x[:1]
+    for _ in range(max(5, min(40, int(seconds * 2)))):
+        t = time.perf_counter()
+        tower.run(one)
+        single.append(time.perf_counter() - t)
+    return {"batch": batch, "images_per_s": ips, "single_image_ms": 1000 * statistics.median(single)}
+
+
+def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
+    """Milliseconds per image of the service's decode + preprocess (one thread) on the benchmark's JPEGs."""
+    limits = DecodeLimits(Settings().min_image_side, Settings().max_image_side, Settings().max_image_pixels)
+    sample = pool[:64]
+    preprocess(sample[0], spec, limits)
+    start = time.perf_counter()
+    for data in sample:
+        preprocess(data, spec, limits)
+    return 1000 * (time.perf_counter() - start) / len(sample)
+
+
+# ---- ingest -----------------------------------------------------------------------------------------------------
+
+async def post_ok(http: aiohttp.ClientSession, url: str, **kw: Any) -> Any:
+    async with http.post(url, **kw) as resp:
+        body = await resp.read()
+        if resp.status >= 300:
+            raise RuntimeError(f"POST {url} answered {resp.status}: {body[:300]!r}")
+        return orjson.loads(body) if body else None
+
+
+async def batch_totals(http: aiohttp.ClientSession, svc: deploy.Deployment) -> dict[str, float]:
+    """Sums of the worker's idios_batch_seconds / idios_batch_size histograms by stage (embed, write)."""
+    if not svc.metrics_url:
+        return {}
+    async with http.get(svc.metrics_url) as resp:
+        text = await resp.text()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'idios_batch_(seconds|size)_(sum|count)\{.*stage="(\w+)".*\} (\S+)$', line)
+        if m:
+            key = f"{m[3]}_{m[1]}_{m[2]}"
+            totals[key] = totals.get(key, 0.0) + float(m[4])
+    return totals
+
+
+def where_time_goes(before: dict[str, float], after: dict[str, float], wall: float) -> Figures:
+    """From the worker's own metrics over the timed ingest: how busy the model was, mean batch, Milvus time."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    if not d.get("embed_size_count"):
+        return {}
+    return {"model_busy_fraction": d["embed_seconds_sum"] / wall,
+            "mean_embed_batch": d["embed_size_sum"] / d["embed_size_count"],
+            "milvus_write_fraction": d.get("write_seconds_sum", 0.0) / wall}
+
+
+async def run_clients(n: int, clients: int, one: Callable[[int], Awaitable[None]]) -> float:
+    """Call one(i) for i in range(n) from `clients` concurrent tasks; return the seconds it took."""
+    todo = iter(range(n))
+
+    async def client() -> None:
+        for i in todo:
+            await one(i)
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(clients):
+            tg.create_task(client())
+    return time.perf_counter() - start
+
+
+async def ingest(svc: deploy.Deployment, model: str, images: str, tag: str, count: int, clients: int) -> Figures:
+    """Images/s through add (one url a request) then add_bulk (BULK_ITEMS urls a request); every url distinct."""
+    api = f"{svc.url}/models/{model}"
+    url = lambda i: f"{images}/img/{i}/{tag}-{i}.jpg"  # noqa: E731
+    n_add, n_bulk = count // 2, count - count // 2
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+        await asyncio.gather(*(post_ok(http, f"{api}/add", json={"url": f"{images}/img/{i}/{tag}-warm.jpg"})
+                               for i in range(8)))
+
+        async def add(i: int) -> None:
+            await post_ok(http, f"{api}/add", json={"url": url(i), "metadata": {"i": i}})
+
+        async def bulk(k: int) -> None:
+            items = [{"url": url(i)} for i in range(n_add + k * BULK_ITEMS, min(count, n_add + (k + 1) * BULK_ITEMS))]
+            out = await post_ok(http, f"{api}/add_bulk", json=items)
+            if out["failed"] or len(out["added"]) != len(items):
+                raise RuntimeError(f"add_bulk failed: {out['failed'][:3]}")
+
+        before = await batch_totals(http, svc)
+        t_add = await run_clients(n_add, clients, add)
+        chunks = -(-n_bulk // BULK_ITEMS)
+        t_bulk = await run_clients(chunks, max(2, clients // 8), bulk)
+        profile = where_time_goes(before, await batch_totals(http, svc), t_add + t_bulk)
+    return {"images": count, "add_images_per_s": n_add / t_add, "add_bulk_images_per_s": n_bulk / t_bulk,
+            "images_per_s": count / (t_add + t_bulk)} | profile
+
+
+# ---- restore, search, dump --------------------------------------------------------------------------------------
+
+def restore_bodies(rows: int, dim: int) -> list[bytes]:
+    """Request bodies of random unit vectors, encoded before timing."""
+    rng = np.random.default_rng(1)
+    bodies = []
+    for start in range(0, rows, RESTORE_ROWS):
+        n = min(RESTORE_ROWS, rows - start)
+        vecs = rng.standard_normal((n, dim)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        batch = [{"url": f"http://bench.invalid/r/{start + i}", "metadata": {"i": start + i}, "embedding": v}
+                 for i, v in enumerate(vecs)]
+        bodies.append(orjson.dumps(batch, option=orjson.OPT_SERIALIZE_NUMPY))
+    return bodies
+
+
+async def restore(svc: deploy.Deployment, model: str, rows: int, dim: int) -> Figures:
+    bodies = restore_bodies(rows, dim)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+        seconds = await run_clients(len(bodies), 2, lambda k: post_ok(
+            http, f"{svc.url}/models/{model}/restore", data=bodies[k], headers=headers))
+    return {"rows": rows, "rows_per_s": rows / seconds, "mb_per_s": sum(map(len, bodies)) / 1e6 / seconds}
+
+
+async def dump(svc: deploy.Deployment, model: str) -> Figures:
+    """Page through every row by cursor."""
+    total, cursor = 0, None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+        start = time.perf_counter()
+        while True:
+            body: dict[str, Any] = {"limit": DUMP_PAGE} | ({"cursor": cursor} if cursor else {})
+            page = await post_ok(http, f"{svc.url}/models/{model}/dump", json=body)
+            if not page:
+                break
+            total += len(page)
+            cursor = page[-1]["url"]
+        seconds = time.perf_counter() - start
+    return {"rows": total, "rows_per_s": total / seconds}
+
+
+async def latencies(n: int, one: Callable[[int], Awaitable[None]]) -> Figures:
+    """One request at a time (latency, not throughput); the first call is a warm-up."""
+    await one(n)
+    samples = []
+    for i in range(n):
+        t = time.perf_counter()
+        await one(i)
+        samples.append(time.perf_counter() - t)
+    return quantiles_ms(samples)
+
+
+async def search(svc: deploy.Deployment, spec: ModelSpec, images: str, pool: list[bytes], rows: int,
+                 n: int) -> Figures:
+    api = f"{svc.url}/models/{spec.name}/search"
+    rng = np.random.default_rng(2)
+    stored = [f"http://bench.invalid/r/{int(i)}" for i in rng.integers(0, max(1, rows), n + 1)]
+    out: Figures = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        out["indexed_url"] = await latencies(n, lambda i: post_ok(http, api, json={"url": stored[i], "indexed": True}))
+        out["image_url"] = await latencies(n, lambda i: post_ok(
+            http, api, json={"url": f"{images}/img/{i}/search-{i}.jpg"}))
+
+        async def upload(i: int) -> None:
+            form = aiohttp.FormData()
+            form.add_field("image", pool[i % len(pool)], filename="q.jpg", content_type="image/jpeg")
+            await post_ok(http, api, data=form)
+
+        out["upload"] = await latencies(n, upload)
+        if spec.has_text:
+            out["text"] = await latencies(n, lambda i: post_ok(http, api, json={"text": f"a photo of thing {i}"}))
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+async def ingest_against_ceiling(args: argparse.Namespace, spec: ModelSpec, svc: deploy.Deployment, images: str,
+                                 tag: str) -> Figures:
+    """Ingest, with the bare-model ceiling measured just before (service started, idle): on a shared machine
+    the CPU left to us changes by the minute, so only figures taken side by side make a fair ratio."""
+    note(f"ingest: {tag} (ceiling first)")
+    ceiling = await asyncio.to_thread(measure_ceiling, spec, Settings().max_batch, args.seconds)
+    out = await ingest(svc, spec.name, images, tag, args.images, args.concurrency)
+    return out | {"ceiling_images_per_s": ceiling["images_per_s"]}
+
+
+async def embedded_phases(args: argparse.Namespace, spec: ModelSpec, models: Path, tmp: Path, images: str,
+                          pool: list[bytes], fig: Figures) -> None:
+    async with deploy.embedded(models, tmp) as svc:
+        if "ingest" not in args.skip:
+            fig["ingest"]["embedded"] = await ingest_against_ceiling(args, spec, svc, images, "embedded")
+        if "restore" not in args.skip:
+            note(f"restore: {args.rows:,} rows")
+            fig["restore"] = await restore(svc, spec.name, args.rows, spec.dim)
+        if "search" not in args.skip:
+            note("search")
+            fig["search"] = await search(svc, spec, images, pool, args.rows, args.searches)
+        if "dump" not in args.skip:
+            note("dump")
+            fig["dump"] = await dump(svc, spec.name)
+        fig["rss_mb"]["embedded"] = svc.rss()
+
+
+async def amqp_phases(args: argparse.Namespace, spec: ModelSpec, models: Path, tmp: Path, images: str,
+                      fig: Figures) -> None:
+    async with deploy.distributed(models, tmp, workers=1) as svc:
+        fig["ingest"]["amqp_1_worker"] = await ingest_against_ceiling(args, spec, svc, images, "amqp")
+        fig["rss_mb"]["amqp"] = svc.rss()
+
+
+async def run(args: argparse.Namespace) -> Figures:
+    spec = pick_model(args)
+    batch = Settings().max_batch
+    fig: Figures = {"meta": meta(args, spec, batch), "ingest": {}, "rss_mb": {}}
+    if "ceiling" not in args.skip:
+        note(f"ceiling: {spec.name}, batch {batch}")
+        fig["ceiling"] = measure_ceiling(spec, batch, args.seconds)
+    pool = deploy.jpeg_pool(min(max(args.images, args.searches + 1), 256))
+    fig["decode_ms_per_image"] = measure_decode(spec, pool)
+    with tempfile.TemporaryDirectory(prefix="idios-bench-") as name:
+        tmp = Path(name)
+        models = only_model(spec, tmp)
+        async with deploy.image_server(pool) as images:
+            await embedded_phases(args, spec, models, tmp, images, pool, fig)
+            if "amqp" not in args.skip and "ingest" not in args.skip:
+                await amqp_phases(args, spec, models, tmp, images, fig)
+    add_ratios(fig)
+    fig["meta"]["loadavg_after"] = os.getloadavg()
+    return fig
+
+
+def meta(args: argparse.Namespace, spec: ModelSpec, batch: int) -> Figures:
+    return {"model": spec.name, "dim": spec.dim, "text_tower": spec.has_text, "max_batch": batch,
+            "rows": args.rows, "images": args.images, "concurrency": args.concurrency,
+            "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "loadavg_before": os.getloadavg()}
+
+
+def add_ratios(fig: Figures) -> None:
+    for figures in fig["ingest"].values():
+        figures["ratio_to_ceiling"] = figures["images_per_s"] / figures["ceiling_images_per_s"]
+    if "search" in fig and "ceiling" in fig:
+        single = fig["ceiling"]["single_image_ms"]
+        fig["search"]["image_url_p50_over_single_image"] = fig["search"]["image_url"]["p50_ms"] / single
+
+
+def table(fig: Figures) -> str:
+    """The figures as aligned text lines."""
+    lines = [f"model {fig['meta']['model']} · batch {fig['meta']['max_batch']} · {fig['meta']['date']} · "
+             f"load {fig['meta']['loadavg_before'][0]:.2f} before / {fig['meta']['loadavg_after'][0]:.2f} after"]
+
+    def row(name: str, value: float, unit: str, digits: int = 1) -> None:
+        lines.append(f"  {name:<44} {value:>12,.{digits}f} {unit}".rstrip())
+
+    if "ceiling" in fig:
+        row("ceiling: bare ONNX, service batch", fig["ceiling"]["images_per_s"], "img/s")
+        row("model latency: bare ONNX, batch 1", fig["ceiling"]["single_image_ms"], "ms")
+    row("decode + preprocess, one thread", fig["decode_ms_per_image"], "ms/image")
+    for where, f in fig["ingest"].items():
+        row(f"ingest {where}: add", f["add_images_per_s"], "img/s")
+        row(f"ingest {where}: add_bulk", f["add_bulk_images_per_s"], "img/s")
+        row(f"ingest {where}: all", f["images_per_s"], "img/s")
+        row(f"ingest {where}: ceiling just before", f["ceiling_images_per_s"], "img/s")
+        if "ratio_to_ceiling" in f:
+            row(f"ingest {where} / ceiling", f["ratio_to_ceiling"], "", 3)
+        if "model_busy_fraction" in f:
+            row(f"ingest {where}: model busy fraction", f["model_busy_fraction"], "", 3)
+            row(f"ingest {where}: Milvus write fraction", f["milvus_write_fraction"], "", 3)
+            row(f"ingest {where}: mean model batch", f["mean_embed_batch"], "images")
+    for kind, f in fig.get("search", {}).items():
+        if isinstance(f, dict):  # the ratio is printed below
+            lines.append(f"  {'search ' + kind + ' p50/p95/p99':<44} "
+                         f"{f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
+    if "image_url_p50_over_single_image" in fig.get("search", {}):
+        row("search image_url p50 / model batch-1 latency", fig["search"]["image_url_p50_over_single_image"], "", 2)
+    for phase in ("restore", "dump"):
+        if phase in fig:
+            row(f"{phase} ({fig[phase]['rows']:,} rows)", fig[phase]["rows_per_s"], "rows/s")
+    for where, procs in fig["rss_mb"].items():
+        for role, mb in procs.items():
+            row(f"peak RSS {where} {role}", mb, "MB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    fig = asyncio.run(run(args))
+    print(table(fig))
+    if args.json:
+        args.json.write_bytes(orjson.dumps(fig, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

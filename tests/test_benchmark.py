@@ -1,0 +1,56 @@
+"""scripts/benchmark.py in quick mode: every phase runs for real and reports every figure (speed is not judged)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import ROOT
+from tests.distributed import require_broker
+
+
+def positive_numbers(figures: dict[str, object], where: str = "") -> list[str]:
+    """Paths of every figure in a nested dict that is not a number > 0 (lists of numbers included)."""
+    bad = []
+    for key, value in figures.items():
+        path = f"{where}.{key}"
+        if isinstance(value, dict):
+            bad += positive_numbers(value, path)
+        elif isinstance(value, list):
+            bad += [path for v in value if not isinstance(v, (int, float)) or v < 0]
+        elif isinstance(value, bool) or isinstance(value, str):
+            continue
+        elif not isinstance(value, (int, float)) or value <= 0:
+            bad.append(path)
+    return bad
+
+
+@pytest.mark.timeout(400)
+async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: Path) -> None:
+    await require_broker()
+    out = tmp_path / "bench.json"
+    # thumb_text is thumb_grid with a toy text tower, so the text search figure is exercised too
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--models-dir", str(models_dir), "--model", "thumb_text",
+         "--rows", "2000", "--images", "40", "--searches", "8", "--seconds", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=380,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fig = orjson.loads(out.read_bytes())
+    assert set(fig) >= {"meta", "ceiling", "decode_ms_per_image", "ingest", "search", "restore", "dump", "rss_mb"}
+    assert set(fig["ingest"]) == {"embedded", "amqp_1_worker"}
+    for figures in fig["ingest"].values():
+        assert set(figures) >= {"add_images_per_s", "add_bulk_images_per_s", "images_per_s", "ratio_to_ceiling",
+                                "ceiling_images_per_s", "model_busy_fraction", "mean_embed_batch",
+                                "milvus_write_fraction"}
+    for kind in ("indexed_url", "image_url", "upload", "text"):
+        assert set(fig["search"][kind]) == {"p50_ms", "p95_ms", "p99_ms", "n"}
+    assert fig["restore"]["rows"] == 2000
+    assert fig["dump"]["rows"] >= 2000 + 40  # the restored rows and the ingested images
+    assert {"serve"} <= set(fig["rss_mb"]["embedded"]) and {"api", "worker"} <= set(fig["rss_mb"]["amqp"])
+    assert positive_numbers(fig) == []
+    assert "ingest embedded / ceiling" in proc.stdout and "peak RSS amqp worker" in proc.stdout
