@@ -107,7 +107,8 @@ def measure_ceiling(spec: ModelSpec, batch: int, seconds: float) -> Figures:
 
 def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
     """Milliseconds per image of the service's decode + preprocess (one thread) on the benchmark's JPEGs."""
-    limits = DecodeLimits(Settings().min_image_side, Settings().max_image_side, Settings().max_image_pixels)
+    defaults = Settings()
+    limits = DecodeLimits(defaults.min_image_side, defaults.max_image_pixels)
     sample = pool[:64]
     preprocess(sample[0], spec, limits)
     start = time.perf_counter()
