@@ -196,7 +196,8 @@ async def test_killed_ingest_resumes_and_every_good_url_is_stored_once(
 async def test_ctrl_c_stops_cleanly_and_a_torn_state_line_is_ignored(
     service: Service, images: str, uniq: str, tmp_path: Path
 ) -> None:
-    good = [f"{images}/img/{uniq}/{i}.jpg" for i in range(20)]
+    # each image takes 0.2 s to arrive, so on a fast machine too the run is still going when Ctrl-C comes
+    good = [f"{images}/slow/{uniq}/{i}.jpg?delay=0.2" for i in range(20)]
     path = tmp_path / "list.txt"
     path.write_text("\n".join(good) + "\n")
     state = Path(f"{path}.thumb_grid.state.jsonl")
