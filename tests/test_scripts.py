@@ -34,11 +34,17 @@ class Result:
         return json.loads(self.out.strip().splitlines()[-1])
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and children inherit that:
+    # give the script the Ctrl-C a user's terminal would (CI may run this suite in the background).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def start(script: str, *args: str | Path, stdin: bool = False) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, str(SCRIPTS / script), *map(str, args),
         stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_default_sigint,
     )
 
 
