@@ -34,18 +34,23 @@ class Result:
         return json.loads(self.out.strip().splitlines()[-1])
 
 
-def _default_sigint() -> None:
-    # A shell without job control starts background commands with SIGINT ignored, and children inherit that:
-    # give the script the Ctrl-C a user's terminal would (CI may run this suite in the background).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 async def start(script: str, *args: str | Path, stdin: bool = False) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPTS / script), *map(str, args),
-        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_default_sigint,
-    )
+    # A shell without job control starts background commands with SIGINT ignored, and an ignored signal stays
+    # ignored across exec, so the script would never see the test's Ctrl-C (CI may run the suite that way).
+    # A handled signal is reset to its default by exec: handle it here while the child starts. (Not with
+    # preexec_fn: a fork that runs Python in the child aborts in gRPC's fork handlers, seen here.)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, str(SCRIPTS / script), *map(str, args),
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        if previous is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 async def script(script_name: str, *args: str | Path, stdin: bytes | None = None) -> Result:
