@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 import uuid
@@ -88,6 +89,21 @@ async def service(
 
         async with distributed(tmp, models_dir, workers=2) as (svc, _, _):
             yield svc
+
+
+async def wait_for_ping(http: aiohttp.ClientSession, base: str, timeout: float = 60) -> None:
+    """Until `base` answers /ping?rpc=1: the API is up and a job made the round trip through a worker."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            async with http.get(base + "/ping?rpc=1", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                if resp.status == 200:
+                    return
+        except (aiohttp.ClientConnectionError, TimeoutError):
+            pass  # not listening yet, or the ping waits in the queue until a worker is up
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{base} did not answer /ping?rpc=1 within {timeout:g} s")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import signal
@@ -22,7 +21,7 @@ from aiohttp import web
 from idios.api.app import create_app
 from idios.api.backend import distributed_backend
 from idios.settings import Settings
-from tests.conftest import ROOT, Service
+from tests.conftest import ROOT, Service, wait_for_ping
 
 AMQP_URL = os.environ.get("IDIOS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -139,17 +138,7 @@ async def api_service(settings: Settings) -> AsyncIterator[Service]:
 
 async def wait_for_workers(svc: Service, timeout: float = 60) -> None:
     """Until a job makes the round trip through the broker and a worker."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        try:
-            async with svc.http.get(svc.url + "/ping?rpc=1", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                if resp.status == 200:
-                    return
-        except TimeoutError:
-            continue  # the ping waits in the queue until a worker is up
-        await asyncio.sleep(0.2)
-    raise RuntimeError("no worker answered /ping?rpc=1")
+    await wait_for_ping(svc.http, svc.url, timeout)
 
 
 @asynccontextmanager

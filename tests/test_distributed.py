@@ -18,7 +18,7 @@ import pytest
 
 from idios.amqp import AmqpBus
 from idios.messages import ImageJob, JobKind
-from tests.conftest import ROOT, Service
+from tests.conftest import ROOT, Service, wait_for_ping
 from tests.distributed import (
     AMQP_URL,
     distributed,
@@ -169,16 +169,7 @@ async def test_api_command_and_worker_health(tmp_path: Path, models_dir: Path, i
         base = f"http://127.0.0.1:{api_port}"
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-                for _ in range(300):
-                    try:
-                        async with http.get(base + "/ping?rpc=1") as resp:
-                            if resp.status == 200:
-                                break
-                    except (aiohttp.ClientConnectionError, TimeoutError):
-                        pass
-                    await asyncio.sleep(0.2)
-                else:
-                    pytest.fail("api + worker never answered /ping?rpc=1")
+                await wait_for_ping(http, base)
                 urls = [f"{images}/img/health/{i}.jpg" for i in range(32)]
                 statuses = await asyncio.gather(*(
                     _status(http.post(f"{base}/models/thumb_grid/add", json={"url": u})) for u in urls

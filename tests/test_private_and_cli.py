@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from idios.settings import Settings
-from tests.conftest import ROOT, running_service
+from tests.conftest import ROOT, running_service, wait_for_ping
 
 
 async def test_private_addresses_are_refused_by_default(tmp_path: Path, models_dir: Path, images: str) -> None:
@@ -49,15 +49,7 @@ async def test_serve_command_end_to_end(tmp_path: Path, models_dir: Path, images
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            for _ in range(300):
-                try:
-                    async with http.get(base + "/ping?rpc=1") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("the service did not answer /ping")
+            await wait_for_ping(http, base)
             url = f"{images}/img/cli.jpg"
             async with http.post(f"{base}/models/thumb_text/add", json={"url": url, "metadata": {"a": 1}}) as resp:
                 assert resp.status == 204
