@@ -13,7 +13,6 @@ import numpy as np
 class JobKind(str, Enum):
     ADD = "add"  # fetch, embed, upsert one image
     EMBED = "embed"  # fetch and embed one image; nothing is written
-    EMBED_TEXT = "embed_text"  # embed a text with the model's text tower
     RESTORE = "restore"  # upsert rows given with their embeddings
     PING = "ping"  # a round trip through the bus and a worker
 
@@ -27,7 +26,6 @@ class ImageJob:
     url: str = ""
     metadata: dict[str, Any] | None = None
     image: bytes | None = None  # an uploaded image, used instead of fetching `url`
-    text: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
     request_id: str = ""
 
@@ -39,8 +37,6 @@ class ImageJob:
             data["metadata"] = self.metadata
         if self.image is not None:
             data["image"] = base64.b64encode(self.image).decode("ascii")
-        if self.text:
-            data["text"] = self.text
         if self.rows:
             data["rows"] = self.rows
         return data
@@ -54,7 +50,6 @@ class ImageJob:
             url=data.get("url", ""),
             metadata=data.get("metadata"),
             image=base64.b64decode(image) if image is not None else None,
-            text=data.get("text", ""),
             rows=data.get("rows") or [],
             request_id=data.get("request_id", ""),
         )

@@ -52,6 +52,9 @@ class Settings:
     min_image_side: int = field(default=150, metadata={"help": "smallest accepted image side, pixels"})
     decode_threads: int = field(default=2, metadata={"help": "threads decoding images"})
     onnx_threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads (0 = all cores)"})
+    onnx_prepack: bool = field(
+        default=True, metadata={"help": "onnxruntime weight prepacking: faster, but a second copy of the weights"}
+    )
     max_in_flight: int = field(default=256, metadata={"help": "jobs a worker holds at once"})
     job_timeout: float = field(default=120.0, metadata={"help": "seconds before a job is answered 504"})
     max_request_bytes: int = field(default=256 * 1024 * 1024, metadata={"help": "largest request body"})

@@ -101,8 +101,6 @@ class JobHandler:
             raise errors.ModelNotFound(f"Model {job.model!r} is not loaded by this worker")
         if job.kind is JobKind.EMBED:
             return JobResult(embedding=await self._embed_image(runtime, job))
-        if job.kind is JobKind.EMBED_TEXT:
-            return JobResult(embedding=await runtime.embed_text(job.text))
         if job.kind is JobKind.ADD:
             vector = await self._embed_image(runtime, job)
             await self.writers[job.model].submit(Row(job.url, vector, job.metadata))

@@ -34,7 +34,7 @@ class ImageTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """The text tower with a unit-length output."""
+    """The text tower with a unit-length output, for the full context length only."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -42,6 +42,72 @@ class TextTower(nn.Module):
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.encode_text(text), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention's self-attention (batch first, no dropout, same weights) written so that tracing keeps
+    the sequence length symbolic: torch's own `multi_head_attention_forward` bakes the traced length into its
+    reshapes, so an export traced at 12 tokens fails on any other length."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        m = self.mha
+        q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, L, E] -> [B, H, L, E/H]
+            return t.unflatten(-1, (m.num_heads, m.head_dim)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attn_mask)
+        return m.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class TrimmedTextTower(nn.Module):
+    """CLIP's text tower for token sequences of any length up to the context length.
+
+    `encode_text` adds all 77 positional embeddings, so it only takes 77 tokens. With a causal attention mask and
+    end-token pooling, the pooled token never attends to the padding after it: running the first L tokens (L =
+    the longest text in the batch) gives the same embedding for a fraction of the work ("a red car" is 5 tokens,
+    not 77). `trims(model)` says whether a model has that structure; the blocks are run here, as open_clip's
+    ResidualAttentionBlock runs them, with `SelfAttention` in place of nn.MultiheadAttention."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.attention = nn.ModuleList(SelfAttention(block.attn) for block in model.transformer.resblocks)
+
+    @staticmethod
+    def trims(model: nn.Module) -> bool:
+        mask = getattr(model, "attn_mask", None)
+        transformer = getattr(model, "transformer", None)
+        blocks = list(getattr(transformer, "resblocks", []))
+        return (
+            mask is not None and hasattr(model, "token_embedding") and hasattr(model, "positional_embedding")
+            and bool((torch.triu(torch.ones_like(mask), 1).bool() == torch.isinf(mask)).all())  # causal
+            and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+            and getattr(transformer, "batch_first", False) and bool(blocks)
+            and all(isinstance(b.attn, nn.MultiheadAttention) and b.attn.batch_first and b.attn.in_proj_weight is not None
+                    and not hasattr(b, "ln_1_kv") for b in blocks)
+        )
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        length = text.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(text).to(cast) + m.positional_embedding[:length].to(cast)
+        mask = m.attn_mask[:length, :length].to(x.dtype)
+        for block, attention in zip(m.transformer.resblocks, self.attention, strict=True):
+            x = x + block.ls_1(attention(block.ln_1(x), mask))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = m.ln_final(x)
+        x = text_global_pool(x, text, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+        return F.normalize(x, dim=-1)
 
 
 @dataclass
@@ -96,8 +162,10 @@ def load(arch: str, pretrained: str | None, random_weights: bool = False) -> Cli
     )
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str) -> None:
-    """Trace `module` to ONNX with a dynamic batch dimension on input and output.
+def export_onnx(
+    module: nn.Module, example: torch.Tensor, path: Path, input_name: str, dynamic_length: bool = False
+) -> None:
+    """Trace `module` to ONNX with a dynamic batch dimension on input and output (and a dynamic sequence length).
 
     Traced with grad enabled: under no_grad, nn.MultiheadAttention takes a fused fast path ONNX cannot express.
     The TorchScript exporter is the one whose output the export tests hold to open_clip's forward pass."""
@@ -108,7 +176,8 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             module, (example,), str(path), input_names=[input_name], output_names=["embedding"],
-            dynamic_axes={input_name: {0: "batch"}, "embedding": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+            dynamic_axes={input_name: {0: "batch", **({1: "length"} if dynamic_length else {})}, "embedding": {0: "batch"}},
+            opset_version=OPSET, dynamo=False,
         )
 
 

@@ -60,7 +60,10 @@ def write_clip(out: Path, name: str, clip: Any, arch: str, pretrained: str | Non
     s = clip.image_size
     ec.export_onnx(ec.ImageTower(clip.model), torch.zeros(2, 3, s, s), out / "visual.onnx", "image")
     text_example = clip.tokenizer(["a photo of a cat", "two dogs"])
-    ec.export_onnx(ec.TextTower(clip.model), text_example, out / "text.onnx", "text")
+    if ec.TrimmedTextTower.trims(clip.model):  # traced at a length other than 77, so a constant 77 would show
+        ec.export_onnx(ec.TrimmedTextTower(clip.model), text_example[:, :12], out / "text.onnx", "text", True)
+    else:
+        ec.export_onnx(ec.TextTower(clip.model), text_example, out / "text.onnx", "text")
     (out / "tokenizer.json").write_text(ec.tokenizer_json(clip.tokenizer))
     with torch.no_grad():
         dim = int(ec.ImageTower(clip.model)(torch.zeros(1, 3, s, s)).shape[-1])

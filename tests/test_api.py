@@ -218,6 +218,25 @@ async def test_text_search(service: Service, images: str, uniq: str) -> None:
     )
 
 
+async def test_concurrent_text_searches_share_runs_and_keep_their_own_answers(
+    service: Service, images: str, uniq: str
+) -> None:
+    """Texts of different lengths padded into one run of the text tower each get their own embedding."""
+    red = f"{images}/colour/250,10,10?u={uniq}"
+    blue = f"{images}/colour/10,10,250?u={uniq}"
+    for u in (red, blue):
+        assert (await post(service, "/models/thumb_text/add", {"url": u}))[0] == 204
+    texts = service.backend.texts["thumb_text"].texts
+    batches, items = texts.batches, texts.items
+    queries = ["red" if i % 2 else "the blue one over there please" for i in range(24)]
+    results = await asyncio.gather(*(post(service, "/models/thumb_text/search", {"text": q, "limit": 1}) for q in queries))
+    for q, (status, hits) in zip(queries, results, strict=True):
+        want = red if q == "red" else blue
+        assert status == 200 and hits[0]["url"].startswith(want.split("?")[0]), (q, hits)
+    assert texts.items - items == len(queries)
+    assert texts.batches - batches < len(queries) / 2
+
+
 async def test_compare(service: Service, images: str, uniq: str) -> None:
     a, b = f"{images}/img/{uniq}/a.jpg", f"{images}/img/{uniq}/b.jpg"
     status, same = await post(service, "/models/thumb_grid/compare", {"url": a, "other": a + "?size=800x600"})

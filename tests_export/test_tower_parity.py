@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idios.embed import OnnxTower
+from idios.embed import OnnxTower, TextEncoder
 from idios.models import load_manifest
 from tests_export.conftest import COSINE_TOWER, Exported, cosines, skimage_photo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TEXTS = ("a photo of an astronaut", "a cup of coffee", "a cat", "a rocket on its launch pad")
+LONG_TEXT = " ".join(["a very long caption about a museum archive photograph"] * 12)  # past 77 tokens
 MODELS = ("vit_b32", "rn50", "vit_s32_file")
 
 
@@ -31,6 +32,7 @@ class Towers:
     want_texts: np.ndarray
     visual: OnnxTower
     text: OnnxTower
+    encoder: TextEncoder
 
 
 _towers: dict[str, Towers] = {}
@@ -56,7 +58,8 @@ def towers(exported: Exported) -> Towers:
         spec = load_manifest(exported.folder)
         assert spec.text is not None
         _towers[key] = Towers(exported, images, tokens, want_i, want_t,
-                              OnnxTower(spec.visual, threads=2), OnnxTower(spec.text.file, threads=2))
+                              OnnxTower(spec.visual, threads=2), OnnxTower(spec.text.file, threads=2),
+                              TextEncoder(spec.text, threads=2))
     return _towers[key]
 
 
@@ -80,8 +83,27 @@ def test_image_tower_matches_open_clip(towers: Towers, batch: int) -> None:
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_text_tower_matches_open_clip(towers: Towers, batch: int) -> None:
+    """The tower on open_clip's own 77-token input."""
     got = towers.text.run(towers.tokens[:batch].numpy())
     assert_matches(got, towers.want_texts[:batch], towers.want_texts)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_runtime_text_encoder_matches_open_clip(towers: Towers, batch: int) -> None:
+    """What the service runs: its tokenizer, padded only to the longest text of the batch, through the tower
+    exported with a dynamic length, against open_clip's forward pass over the full context."""
+    tokens = towers.encoder.tokens(list(TEXTS[:batch]))
+    assert towers.encoder.trimmed and tokens.shape[1] < 77
+    assert_matches(towers.encoder.run(list(TEXTS[:batch])), towers.want_texts[:batch], towers.want_texts)
+
+
+def test_text_past_the_context_matches_open_clip(towers: Towers) -> None:
+    c = towers.exported.clip
+    with torch.no_grad():
+        want = F.normalize(c.model.encode_text(c.tokenizer([LONG_TEXT, "a cat"])), dim=-1).numpy()
+    assert towers.encoder.tokens([LONG_TEXT]).shape == (1, 77)
+    got = towers.encoder.run([LONG_TEXT, "a cat"])
+    assert cosines(got, want).min() >= COSINE_TOWER
 
 
 def test_manifest_describes_the_export(exported: Exported) -> None:
@@ -98,6 +120,8 @@ def test_manifest_describes_the_export(exported: Exported) -> None:
     assert raw["sha256"] == {p.name: sha256(p) for p in exported.folder.iterdir() if p.name != "manifest.json"}
     tower = OnnxTower(spec.visual, threads=1)
     assert isinstance(tower.session.get_inputs()[0].shape[0], str), "the batch dimension must be dynamic"
+    text_shape = OnnxTower(spec.text.file, threads=1).session.get_inputs()[0].shape
+    assert all(isinstance(d, str) for d in text_shape), "batch and sequence length must be dynamic"
 
 
 def test_openai_presets_keep_quick_gelu(vit_b32: Exported, rn50: Exported, vit_s32_file: Exported) -> None:

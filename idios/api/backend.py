@@ -1,4 +1,5 @@
-"""What the API talks to: the models it serves, the vector store (reads), and the job bus (image work)."""
+"""What the API talks to: the models it serves, the vector store (reads), the job bus (image work) and the text
+towers, which the API runs itself."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from aiohttp import web
 from idios.amqp import AmqpBus
 from idios.bus import JobBus, LocalBus
 from idios.consumer import JobConsumer
+from idios.embed import TextRuntime, load_text_runtimes
 from idios.metrics import Metrics
 from idios.models import ModelSpec, discover
 from idios.settings import Settings
@@ -25,6 +27,7 @@ class Backend:
     store: CollectionStore
     bus: JobBus
     metrics: Metrics
+    texts: dict[str, TextRuntime]
 
 
 BACKEND = web.AppKey("backend", Backend)
@@ -38,6 +41,7 @@ async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterato
     specs = discover(settings.models_dir)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(CollectionStore(settings, specs))
+        texts = await load_text_runtimes(specs, settings, stack, metrics)
         handler = await JobHandler.open(settings, specs, store, stack, metrics)
         bus: JobBus
         if settings.amqp_url:
@@ -45,7 +49,7 @@ async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterato
             bus = await stack.enter_async_context(AmqpBus(settings))
         else:
             bus = LocalBus(handler, settings.max_in_flight, settings.job_timeout)
-        yield Backend(settings, specs, store, bus, metrics)
+        yield Backend(settings, specs, store, bus, metrics, texts)
 
 
 def require_distributed(settings: Settings) -> None:
@@ -59,10 +63,12 @@ def require_distributed(settings: Settings) -> None:
 
 @asynccontextmanager
 async def distributed_backend(settings: Settings, metrics: Metrics) -> AsyncIterator[Backend]:
-    """The stateless API of the distributed deployment: manifests only (no ONNX), Milvus for reads, RabbitMQ."""
+    """The stateless API of the distributed deployment: the text towers (no visual tower), Milvus for reads,
+    RabbitMQ for image work."""
     require_distributed(settings)
     specs = discover(settings.models_dir)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(CollectionStore(settings, specs))
+        texts = await load_text_runtimes(specs, settings, stack, metrics)
         bus = await stack.enter_async_context(AmqpBus(settings))
-        yield Backend(settings, specs, store, bus, metrics)
+        yield Backend(settings, specs, store, bus, metrics, texts)

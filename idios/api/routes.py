@@ -202,8 +202,7 @@ async def search(request: web.Request) -> web.Response:
     elif req.text:
         if not spec.has_text:
             raise errors.TextNotSupported(f"Model {spec.name} has no text tower; search by image instead")
-        job = ImageJob(JobKind.EMBED_TEXT, spec.name, text=req.text, request_id=request_id(request))
-        vector = (await run_job(request, job)).embedding
+        vector = await backend(request).texts[spec.name].embed(req.text)
     else:
         return json_response({"detail": "Either 'text' or 'url' must be provided."}, status=422)
     hits = await store.search(spec.name, vector, req.limit, expr, req.min_similarity)
