@@ -20,7 +20,12 @@ class MicroBatcher(Generic[T, R]):
 
     `submit` waits for the item's own result; a failing batch fails every caller in it with the same error.
     The queue is bounded, so callers feel back-pressure when the batch function falls behind.
+    An item that arrives after a quiet spell (no other item for `QUIET_FACTOR` x `max_wait`) and finds the
+    queue empty runs at once: a lone search should not wait for company that is not coming. Under load items
+    arrive close together and batches fill as before.
     """
+
+    QUIET_FACTOR = 10
 
     def __init__(
         self,
@@ -36,6 +41,8 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait)
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue(queue_size or 4 * self.max_batch)
+        self._last_arrival = float("-inf")
+        self._lone = False  # the item at the head of the queue came after a quiet spell
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.items = 0
@@ -67,12 +74,20 @@ class MicroBatcher(Generic[T, R]):
         """Queue one item and wait for its result."""
         if self._task is None:
             raise RuntimeError(f"{self.name} is not running")
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+        now = loop.time()
+        if self._queue.empty():
+            self._lone = now - self._last_arrival > self.QUIET_FACTOR * self.max_wait
+        self._last_arrival = now
         await self._queue.put((item, fut))
         return await fut
 
     async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch = [await self._queue.get()]
+        lone, self._lone = self._lone, False
+        if lone and self._queue.empty():
+            return batch
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch:

@@ -33,6 +33,31 @@ async def test_a_lone_item_waits_at_most_max_wait() -> None:
         assert loop.time() - start < 1.0
 
 
+async def test_a_lone_item_after_a_quiet_spell_runs_at_once_and_company_still_batches() -> None:
+    seen: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def record(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        if items == [1]:
+            await release.wait()
+        return items
+
+    async with MicroBatcher("t", record, max_batch=8, max_wait=2.0) as b:
+        first = asyncio.create_task(b.submit(1))
+        for _ in range(100):  # the lone item reaches the batch function without waiting 2 s for company
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == [[1]]
+        # while it runs, two more arrive close together: they are not lone, so they wait and share a batch
+        rest = asyncio.gather(b.submit(2), b.submit(3))
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await first == 1 and await rest == [2, 3]
+    assert seen == [[1], [2, 3]]
+
+
 async def test_a_failing_batch_fails_each_of_its_callers() -> None:
     async def boom(items: list[int]) -> list[int]:
         raise ValueError("model exploded")
