@@ -124,6 +124,27 @@ async def test_restore_dump_round_trip_is_exact(service: Service, uniq: str) -> 
         assert np.array_equal(np.float32(have["embedding"]), np.float32(want["embedding"]))
 
 
+async def test_restore_replaces_stored_rows_and_the_last_repeat_wins(service: Service, uniq: str) -> None:
+    """Rows already stored are replaced, never doubled, and a url repeated in one body keeps its last row; on
+    a Milvus Lite file new urls are inserted and stored ones upserted, so both paths run here."""
+    prefix = f"http://replace.test/{uniq}/"
+
+    def row(name: str, hot: int) -> dict[str, Any]:
+        return {"url": prefix + name, "metadata": {"hot": hot}, "embedding": [0.0] * hot + [1.0] + [0.0] * (191 - hot)}
+
+    before = await count(service)
+    assert (await post(service, "/models/thumb_grid/restore", [row("a", 0), row("b", 1)]))[0] == 204
+    body = [row("b", 2), row("c", 3), row("a", 4), row("c", 5), row("d", 6)]
+    assert (await post(service, "/models/thumb_grid/restore", body))[0] == 204
+    assert await count(service) == before + 4
+    _, page = await post(service, "/models/thumb_grid/dump", {"cursor": prefix, "limit": 10})
+    mine = {r["url"][len(prefix):]: r for r in page if r["url"].startswith(prefix)}
+    assert {k: r["metadata"]["hot"] for k, r in mine.items()} == {"a": 4, "b": 2, "c": 5, "d": 6}
+    assert all(int(np.argmax(r["embedding"])) == r["metadata"]["hot"] for r in mine.values())
+    _, hits = await post(service, "/models/thumb_grid/search", {"url": prefix + "c", "indexed": True, "limit": 2})
+    assert hits[0]["url"] == prefix + "c" and hits[1]["url"] != prefix + "c"
+
+
 async def test_restore_checks_the_dimension(service: Service) -> None:
     status, body = await post(
         service, "/models/thumb_grid/restore", [{"url": "http://dim.test/a", "metadata": {}, "embedding": [0.1] * 5}]
