@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_deploy as deploy  # noqa: E402
 from idios.decode import DecodeLimits, preprocess  # noqa: E402
-from idios.embed import OnnxTower  # noqa: E402
+from idios.embed import OnnxTower, TextEncoder  # noqa: E402
+from idios.store import URL_MAX  # noqa: E402
 from idios.models import ModelSpec, discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
 
-PHASES = ("ceiling", "ingest", "amqp", "restore", "search", "dump")
+PHASES = ("ceiling", "ingest", "amqp", "restore", "search", "dump", "floors")
 BULK_ITEMS = 32  # urls per add_bulk request
 RESTORE_ROWS = 10_000  # rows per restore request (the service's default limit)
 DUMP_PAGE = 10_000
@@ -115,6 +116,80 @@ def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
     for data in sample:
         preprocess(data, spec, limits)
     return 1000 * (time.perf_counter() - start) / len(sample)
+
+
+def measure_text(spec: ModelSpec, n: int) -> Figures:
+    """The bare text tower (tokenizer + ONNX, one short text at a time), same threads as the service."""
+    assert spec.text is not None
+    encoder = TextEncoder(spec.text, Settings().onnx_threads or os.cpu_count() or 1)
+    encoder.run(["warm up"])
+    samples = []
+    for i in range(n):
+        t = time.perf_counter()
+        encoder.run([f"a photo of thing {i}"])
+        samples.append(time.perf_counter() - t)
+    return quantiles_ms(samples) | {"trimmed": encoder.trimmed}
+
+
+# ---- the bare vector store --------------------------------------------------------------------------------------
+
+def measure_store(path: Path, rows: int, dim: int, n: int) -> Figures:
+    """What Milvus Lite itself does on this machine, through a bare pymilvus client with no Idios code in the way,
+    on a scratch collection shaped like the service's with `rows` rows: the floor under restore, dump and search.
+    Same engine, same process layout (a Milvus Lite server process per file), measured just after the service."""
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(str(path))
+    try:
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("url", DataType.VARCHAR, is_primary=True, max_length=URL_MAX)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("metadata", DataType.JSON)
+        index = client.prepare_index_params()
+        index.add_index("embedding", index_type=Settings().vector_index, metric_type="COSINE")
+        client.create_collection("floor", schema=schema, index_params=index, consistency_level="Strong")
+        rng = np.random.default_rng(3)
+        chunk = 1000
+
+        def rows_at(start: int, count: int) -> list[dict[str, Any]]:
+            vecs = rng.standard_normal((count, dim)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            return [{"url": f"http://bench.invalid/f/{start + i:09d}", "embedding": v, "metadata": {"i": start + i}}
+                    for i, v in enumerate(vecs)]
+
+        start = time.perf_counter()
+        for at in range(0, rows, chunk):  # what a restore into an empty collection does
+            client.insert("floor", rows_at(at, min(chunk, rows - at)))
+        insert = rows / (time.perf_counter() - start)
+        again = min(rows, 5000)
+        start = time.perf_counter()
+        for at in range(0, again, chunk):  # rows that are stored already
+            client.upsert("floor", rows_at(at, min(chunk, again - at)))
+        upsert = again / (time.perf_counter() - start)
+        keys = [f"http://bench.invalid/f/{i:09d}" for i in rng.integers(0, rows, n)]
+        lookups = []
+        for key in keys:
+            t = time.perf_counter()
+            client.query("floor", filter=f'url in ["{key}"]', output_fields=["embedding"])
+            lookups.append(time.perf_counter() - t)
+        query = rows_at(0, 1)[0]["embedding"].tolist()
+        searches = []
+        for _ in range(n):
+            t = time.perf_counter()
+            client.search("floor", data=[query], limit=10, output_fields=["url", "metadata"],
+                          search_params={"metric_type": "COSINE"})
+            searches.append(time.perf_counter() - t)
+        read = min(rows, 20_000)
+        start = time.perf_counter()
+        for at in range(0, read, 500):
+            names = ", ".join(f'"http://bench.invalid/f/{i:09d}"' for i in range(at, min(read, at + 500)))
+            client.query("floor", filter=f"url in [{names}]", output_fields=["url", "embedding", "metadata"],
+                         strict_float32=True)
+        by_key = read / (time.perf_counter() - start)
+    finally:
+        client.close()
+    return {"rows": rows, "insert_rows_per_s": insert, "upsert_rows_per_s": upsert,
+            "read_by_key_rows_per_s": by_key, "pk_lookup": quantiles_ms(lookups), "search_top10": quantiles_ms(searches)}
 
 
 # ---- ingest -----------------------------------------------------------------------------------------------------
@@ -320,6 +395,11 @@ async def run(args: argparse.Namespace) -> Figures:
             await embedded_phases(args, spec, models, tmp, images, pool, fig)
             if "amqp" not in args.skip and "ingest" not in args.skip:
                 await amqp_phases(args, spec, models, tmp, images, fig)
+        if "floors" not in args.skip:
+            note(f"floors: bare Milvus Lite with {args.rows:,} rows" + (", bare text tower" if spec.has_text else ""))
+            fig["floors"] = await asyncio.to_thread(measure_store, tmp / "floor.db", args.rows, spec.dim, args.searches)
+            if spec.has_text:
+                fig["floors"]["text_model"] = measure_text(spec, args.searches)
     add_ratios(fig)
     fig["meta"]["loadavg_after"] = os.getloadavg()
     return fig
@@ -338,6 +418,19 @@ def add_ratios(fig: Figures) -> None:
     if "search" in fig and "ceiling" in fig:
         single = fig["ceiling"]["single_image_ms"]
         fig["search"]["image_url_p50_over_single_image"] = fig["search"]["image_url"]["p50_ms"] / single
+    floors = fig.get("floors")
+    if floors:
+        if "restore" in fig:
+            fig["restore"]["over_bare_insert"] = fig["restore"]["rows_per_s"] / floors["insert_rows_per_s"]
+        if "dump" in fig:
+            fig["dump"]["over_bare_read"] = fig["dump"]["rows_per_s"] / floors["read_by_key_rows_per_s"]
+        if "search" in fig:
+            bare = floors["pk_lookup"]["p50_ms"] + floors["search_top10"]["p50_ms"]
+            indexed = fig["search"]["indexed_url"]["p50_ms"]
+            fig["search"]["indexed_url_p50_over_bare_lookup_and_search"] = indexed / bare
+            if "text" in fig["search"] and "text_model" in floors:
+                fig["search"]["text_p50_over_bare_text_model"] = (
+                    fig["search"]["text"]["p50_ms"] / floors["text_model"]["p50_ms"])
 
 
 def table(fig: Figures) -> str:
@@ -367,11 +460,33 @@ def table(fig: Figures) -> str:
         if isinstance(f, dict):  # the ratio is printed below
             lines.append(f"  {'search ' + kind + ' p50/p95/p99':<44} "
                          f"{f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
-    if "image_url_p50_over_single_image" in fig.get("search", {}):
-        row("search image_url p50 / model batch-1 latency", fig["search"]["image_url_p50_over_single_image"], "", 2)
+    search = fig.get("search", {})
+    if "image_url_p50_over_single_image" in search:
+        row("search image_url p50 / model batch-1 latency", search["image_url_p50_over_single_image"], "", 2)
+    if "indexed_url_p50_over_bare_lookup_and_search" in search:
+        row("search indexed_url p50 / bare lookup + search", search["indexed_url_p50_over_bare_lookup_and_search"],
+            "", 2)
+    if "text_p50_over_bare_text_model" in search:
+        row("search text p50 / bare text tower", search["text_p50_over_bare_text_model"], "", 2)
     for phase in ("restore", "dump"):
         if phase in fig:
             row(f"{phase} ({fig[phase]['rows']:,} rows)", fig[phase]["rows_per_s"], "rows/s")
+    floors = fig.get("floors")
+    if floors:
+        row(f"bare Milvus Lite insert ({floors['rows']:,} rows)", floors["insert_rows_per_s"], "rows/s")
+        row("bare Milvus Lite upsert of stored rows", floors["upsert_rows_per_s"], "rows/s")
+        row("bare Milvus Lite read by key (500 a query)", floors["read_by_key_rows_per_s"], "rows/s")
+        for name in ("pk_lookup", "search_top10"):
+            f = floors[name]
+            lines.append(f"  {'bare Milvus Lite ' + name + ' p50/p95/p99':<44} "
+                         f"{f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
+        if "text_model" in floors:
+            f = floors["text_model"]
+            lines.append(f"  {'bare text tower, one text, p50/p95/p99':<44} "
+                         f"{f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
+        for phase, key in (("restore", "over_bare_insert"), ("dump", "over_bare_read")):
+            if key in fig.get(phase, {}):
+                row(f"{phase} / bare Milvus Lite", fig[phase][key], "", 2)
     for where, procs in fig["rss_mb"].items():
         for role, mb in procs.items():
             row(f"peak RSS {where} {role}", mb, "MB")

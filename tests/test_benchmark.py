@@ -41,7 +41,8 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fig = orjson.loads(out.read_bytes())
-    assert set(fig) >= {"meta", "ceiling", "decode_ms_per_image", "ingest", "search", "restore", "dump", "rss_mb"}
+    assert set(fig) >= {"meta", "ceiling", "decode_ms_per_image", "ingest", "search", "restore", "dump", "rss_mb",
+                        "floors"}
     assert set(fig["ingest"]) == {"embedded", "amqp_1_worker"}
     for figures in fig["ingest"].values():
         assert set(figures) >= {"add_images_per_s", "add_bulk_images_per_s", "images_per_s", "ratio_to_ceiling",
@@ -50,7 +51,14 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
     for kind in ("indexed_url", "image_url", "upload", "text"):
         assert set(fig["search"][kind]) == {"p50_ms", "p95_ms", "p99_ms", "n"}
     assert fig["restore"]["rows"] == 2000
+    floors = fig["floors"]
+    assert floors["rows"] == 2000 and floors["text_model"]["trimmed"] is True
+    assert set(floors) >= {"insert_rows_per_s", "upsert_rows_per_s", "read_by_key_rows_per_s", "pk_lookup",
+                           "search_top10"}
+    assert "over_bare_insert" in fig["restore"] and "over_bare_read" in fig["dump"]
+    assert {"indexed_url_p50_over_bare_lookup_and_search", "text_p50_over_bare_text_model"} <= set(fig["search"])
     assert fig["dump"]["rows"] >= 2000 + 40  # the restored rows and the ingested images
     assert {"serve"} <= set(fig["rss_mb"]["embedded"]) and {"api", "worker"} <= set(fig["rss_mb"]["amqp"])
     assert positive_numbers(fig) == []
     assert "ingest embedded / ceiling" in proc.stdout and "peak RSS amqp worker" in proc.stdout
+    assert "restore / bare Milvus Lite" in proc.stdout
