@@ -11,6 +11,7 @@ from aiohttp import web
 
 from idios.api.app import create_app
 from idios.api.backend import distributed_backend, embedded_backend, require_distributed
+from idios.memory import fix_mmap_threshold
 from idios.settings import Settings, add_arguments, from_args
 
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = from_args(args)
     configure_logging(settings)
+    fix_mmap_threshold(settings.malloc_mmap_threshold_kb)  # before any model is loaded
     if args.command == "worker":
         import asyncio
 

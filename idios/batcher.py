@@ -20,12 +20,11 @@ class MicroBatcher(Generic[T, R]):
 
     `submit` waits for the item's own result; a failing batch fails every caller in it with the same error.
     The queue is bounded, so callers feel back-pressure when the batch function falls behind.
-    An item that arrives after a quiet spell (no other item for `QUIET_FACTOR` x `max_wait`) and finds the
-    queue empty runs at once: a lone search should not wait for company that is not coming. Under load items
-    arrive close together and batches fill as before.
+    Waiting for company is earned: an item that finds the queue empty runs at once unless the previous batch
+    had company (more than one item). One client at a time never waits; under load the queue is rarely empty
+    and, once batches form, a short wait (`max_wait`) lets them fill; when load stops, at most one lone item
+    waits before the batcher goes back to running lone items at once.
     """
-
-    QUIET_FACTOR = 10
 
     def __init__(
         self,
@@ -41,8 +40,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait)
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue(queue_size or 4 * self.max_batch)
-        self._last_arrival = float("-inf")
-        self._lone = False  # the item at the head of the queue came after a quiet spell
+        self._waits = False  # whether the last batch had company, so that waiting for more is worth it
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.items = 0
@@ -74,22 +72,14 @@ class MicroBatcher(Generic[T, R]):
         """Queue one item and wait for its result."""
         if self._task is None:
             raise RuntimeError(f"{self.name} is not running")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[R] = loop.create_future()
-        now = loop.time()
-        if self._queue.empty():
-            self._lone = now - self._last_arrival > self.QUIET_FACTOR * self.max_wait
-        self._last_arrival = now
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, fut))
         return await fut
 
     async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch = [await self._queue.get()]
-        lone, self._lone = self._lone, False
-        if lone and self._queue.empty():
-            return batch
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
+        deadline = loop.time() + (self.max_wait if self._waits else 0.0)
         while len(batch) < self.max_batch:
             try:
                 batch.append(self._queue.get_nowait())
@@ -103,6 +93,7 @@ class MicroBatcher(Generic[T, R]):
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
+        self._waits = len(batch) > 1
         return batch
 
     async def _run(self) -> None:

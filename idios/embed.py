@@ -29,11 +29,11 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 class OnnxTower:
     """One onnxruntime session: first input in, first output out, batch dimension dynamic."""
 
-    def __init__(self, path: Path, threads: int, providers: list[str] | None = None, prepack: bool = True) -> None:
+    def __init__(self, path: Path, threads: int, providers: list[str] | None = None, spin: bool = True) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
-        if not prepack:  # weights stay in one copy instead of two (fp32 ViT-B/32: ~200 MB less, ~7% slower)
-            opts.add_session_config_entry("session.disable_prepacking", "1")
+        if not spin:  # idle pool threads sleep at once instead of spinning (measured: ~15% slower ingest here)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -81,7 +81,7 @@ class ModelRuntime:
 
     def __init__(self, spec: ModelSpec, settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics) -> None:
         self.spec = spec
-        self.visual = OnnxTower(spec.visual, onnx_threads(settings), prepack=settings.onnx_prepack)
+        self.visual = OnnxTower(spec.visual, onnx_threads(settings), spin=settings.onnx_spin)
         self._executor = executor
         self.images: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
             f"embed-{spec.name}", self._run_images, settings.max_batch, settings.max_wait_ms / 1000,

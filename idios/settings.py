@@ -52,8 +52,11 @@ class Settings:
     min_image_side: int = field(default=150, metadata={"help": "smallest accepted image side, pixels"})
     decode_threads: int = field(default=2, metadata={"help": "threads decoding images"})
     onnx_threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads (0 = all cores)"})
-    onnx_prepack: bool = field(
-        default=True, metadata={"help": "onnxruntime weight prepacking: faster, but a second copy of the weights"}
+    malloc_mmap_threshold_kb: int = field(
+        default=1024, metadata={"help": "glibc: larger blocks are mapped and returned when freed (0 = glibc default)"}
+    )
+    onnx_spin: bool = field(
+        default=True, metadata={"help": "onnxruntime threads spin while waiting for work (off: less CPU stolen)"}
     )
     max_in_flight: int = field(default=256, metadata={"help": "jobs a worker holds at once"})
     job_timeout: float = field(default=120.0, metadata={"help": "seconds before a job is answered 504"})

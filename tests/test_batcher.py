@@ -33,7 +33,7 @@ async def test_a_lone_item_waits_at_most_max_wait() -> None:
         assert loop.time() - start < 1.0
 
 
-async def test_a_lone_item_after_a_quiet_spell_runs_at_once_and_company_still_batches() -> None:
+async def test_a_lone_item_runs_at_once_and_waiting_starts_once_batches_have_company() -> None:
     seen: list[list[int]] = []
     release = asyncio.Event()
 
@@ -50,12 +50,16 @@ async def test_a_lone_item_after_a_quiet_spell_runs_at_once_and_company_still_ba
                 break
             await asyncio.sleep(0.01)
         assert seen == [[1]]
-        # while it runs, two more arrive close together: they are not lone, so they wait and share a batch
+        # while it runs, two more queue up: they go together, with no wait needed
         rest = asyncio.gather(b.submit(2), b.submit(3))
         await asyncio.sleep(0.05)
         release.set()
         assert await first == 1 and await rest == [2, 3]
-    assert seen == [[1], [2, 3]]
+        # that batch had company, so the next item waits for more: one arriving 50 ms later joins it
+        later = asyncio.create_task(b.submit(4))
+        await asyncio.sleep(0.05)
+        assert await asyncio.gather(later, b.submit(5)) == [4, 5]
+    assert seen == [[1], [2, 3], [4, 5]]
 
 
 async def test_a_failing_batch_fails_each_of_its_callers() -> None:
