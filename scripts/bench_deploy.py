@@ -80,6 +80,15 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used, all its threads; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def children(pid: int) -> list[int]:
     """Every descendant of `pid` (Milvus Lite runs its engine as a child process)."""
     found: list[int] = []
@@ -104,6 +113,10 @@ class Deployment:
     url: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     metrics_url: str = ""  # where the worker's Prometheus metrics are (batch sizes and times per stage)
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by every process of the deployment, children (Milvus Lite) included."""
+        return sum(cpu_seconds(pid) for p in self.procs.values() for pid in (p.pid, *children(p.pid)))
 
     def rss(self) -> dict[str, float]:
         out = {role: peak_rss_mb(p.pid) for role, p in self.procs.items()}
@@ -161,10 +174,11 @@ COMMON = {"allow_private_urls": 1, "health_port": 0, "log_level": "WARNING"}
 
 
 @asynccontextmanager
-async def embedded(models: Path, tmp: Path) -> AsyncIterator[Deployment]:
+async def embedded(models: Path, tmp: Path, **extra: object) -> AsyncIterator[Deployment]:
     """`python -m idios serve`: API + worker + Milvus Lite in one process."""
     port = free_port()
-    proc = start("serve", tmp / "serve.log", port=port, data_dir=tmp / "embedded", models_dir=models, **COMMON)
+    proc = start("serve", tmp / "serve.log", port=port, data_dir=tmp / "embedded", models_dir=models,
+                 **(COMMON | extra))
     try:
         url = f"http://127.0.0.1:{port}"
         await wait_ready(url, [proc], "/ping")
@@ -211,12 +225,12 @@ async def delete_queues(prefix: str) -> None:
 
 
 @asynccontextmanager
-async def distributed(models: Path, tmp: Path, workers: int = 1) -> AsyncIterator[Deployment]:
+async def distributed(models: Path, tmp: Path, workers: int = 1, **extra: object) -> AsyncIterator[Deployment]:
     """`python -m idios api` + `worker` processes over the real RabbitMQ, under a fresh queue prefix that is
     deleted afterwards, and a Milvus Lite gRPC server."""
     prefix = f"idios-bench-{uuid.uuid4().hex[:10]}"
     with milvus_server(tmp / "milvus") as uri:
-        settings = dict(COMMON, amqp_url=AMQP_URL, milvus_uri=uri, queue_prefix=prefix, models_dir=models,
+        settings = dict(COMMON | extra, amqp_url=AMQP_URL, milvus_uri=uri, queue_prefix=prefix, models_dir=models,
                         data_dir=tmp / "distributed")
         procs: dict[str, subprocess.Popen[bytes]] = {}
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import re
 import statistics
@@ -49,7 +50,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0, help="seconds the bare-model ceiling is measured for")
     p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {', '.join(PHASES)}")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a service setting for this run, as IDIOS_NAME would set it (repeatable), e.g. onnx_threads=1; "
+                        "the bare-model figures use it too")
     args = p.parse_args(argv)
+    args.settings = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        name = name.strip().lower().removeprefix("idios_")
+        if not value or name not in {f.name for f in dataclasses.fields(Settings)}:
+            p.error(f"--set {item!r}: expected NAME=VALUE with a setting name (python -m idios serve --help)")
+        args.settings[name] = value
+    args.service = Settings.from_env({f"IDIOS_{k.upper()}": v for k, v in args.settings.items()})
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.skip - set(PHASES):
         p.error(f"unknown phase in --skip: {', '.join(sorted(args.skip - set(PHASES)))}")
@@ -86,29 +98,32 @@ def quantiles_ms(samples: list[float]) -> Figures:
 
 # ---- the bare model ---------------------------------------------------------------------------------------------
 
-def measure_ceiling(spec: ModelSpec, batch: int, seconds: float) -> Figures:
+def measure_ceiling(spec: ModelSpec, settings: Settings, seconds: float) -> Figures:
     """Bare onnxruntime throughput at the service's batch size, and batch-1 latency, same threads as the service."""
-    tower = OnnxTower(spec.visual, Settings().onnx_threads or os.cpu_count() or 1)
+    batch = settings.max_batch
+    tower = OnnxTower(spec.visual, settings.onnx_threads or os.cpu_count() or 1, spin=settings.onnx_spin)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, spec.image_size, spec.image_size)).astype(np.float32)
     tower.run(x)  # warm-up: the first run allocates
-    runs, start = 0, time.perf_counter()
+    runs, start, cpu = 0, time.perf_counter(), time.process_time()
     while runs < 2 or time.perf_counter() - start < seconds:
         tower.run(x)
         runs += 1
     ips = runs * batch / (time.perf_counter() - start)
+    cpu_ms = 1000 * (time.process_time() - cpu) / (runs * batch)
     single = []
     one = x[:1]
     for _ in range(max(5, min(40, int(seconds * 2)))):
         t = time.perf_counter()
         tower.run(one)
         single.append(time.perf_counter() - t)
-    return {"batch": batch, "images_per_s": ips, "single_image_ms": 1000 * statistics.median(single)}
+    return {"batch": batch, "images_per_s": ips, "single_image_ms": 1000 * statistics.median(single),
+            "cpu_ms_per_image": cpu_ms}
 
 
 def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
     """Milliseconds per image of the service's decode + preprocess (one thread) on the benchmark's JPEGs."""
-    defaults = Settings()
+    defaults = Settings()  # decode limits are not tuning knobs
     limits = DecodeLimits(defaults.min_image_side, defaults.max_image_pixels)
     sample = pool[:64]
     preprocess(sample[0], spec, limits)
@@ -118,10 +133,10 @@ def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
     return 1000 * (time.perf_counter() - start) / len(sample)
 
 
-def measure_text(spec: ModelSpec, n: int) -> Figures:
+def measure_text(spec: ModelSpec, settings: Settings, n: int) -> Figures:
     """The bare text tower (tokenizer + ONNX, one short text at a time), same threads as the service."""
     assert spec.text is not None
-    encoder = TextEncoder(spec.text, Settings().onnx_threads or os.cpu_count() or 1)
+    encoder = TextEncoder(spec.text, settings.onnx_threads or os.cpu_count() or 1)
     encoder.run(["warm up"])
     samples = []
     for i in range(n):
@@ -133,7 +148,7 @@ def measure_text(spec: ModelSpec, n: int) -> Figures:
 
 # ---- the bare vector store --------------------------------------------------------------------------------------
 
-def measure_store(path: Path, rows: int, dim: int, n: int) -> Figures:
+def measure_store(path: Path, rows: int, dim: int, n: int, index_type: str) -> Figures:
     """What Milvus Lite itself does on this machine, through a bare pymilvus client with no Idios code in the way,
     on a scratch collection shaped like the service's with `rows` rows: the floor under restore, dump and search.
     Same engine, same process layout (a Milvus Lite server process per file), measured just after the service."""
@@ -146,7 +161,7 @@ def measure_store(path: Path, rows: int, dim: int, n: int) -> Figures:
         schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("metadata", DataType.JSON)
         index = client.prepare_index_params()
-        index.add_index("embedding", index_type=Settings().vector_index, metric_type="COSINE")
+        index.add_index("embedding", index_type=index_type, metric_type="COSINE")
         client.create_collection("floor", schema=schema, index_params=index, consistency_level="Strong")
         rng = np.random.default_rng(3)
         chunk = 1000
@@ -261,12 +276,15 @@ async def ingest(svc: deploy.Deployment, model: str, images: str, tag: str, coun
                 raise RuntimeError(f"add_bulk failed: {out['failed'][:3]}")
 
         before = await batch_totals(http, svc)
+        cpu_service, cpu_harness = svc.cpu(), time.process_time()
         t_add = await run_clients(n_add, clients, add)
         chunks = -(-n_bulk // BULK_ITEMS)
         t_bulk = await run_clients(chunks, max(2, clients // 8), bulk)
+        cpu_service, cpu_harness = svc.cpu() - cpu_service, time.process_time() - cpu_harness
         profile = where_time_goes(before, await batch_totals(http, svc), t_add + t_bulk)
     return {"images": count, "add_images_per_s": n_add / t_add, "add_bulk_images_per_s": n_bulk / t_bulk,
-            "images_per_s": count / (t_add + t_bulk)} | profile
+            "images_per_s": count / (t_add + t_bulk), "service_cpu_ms_per_image": 1000 * cpu_service / count,
+            "harness_cpu_ms_per_image": 1000 * cpu_harness / count, "cpus": os.cpu_count()} | profile
 
 
 # ---- restore, search, dump --------------------------------------------------------------------------------------
@@ -350,14 +368,19 @@ async def ingest_against_ceiling(args: argparse.Namespace, spec: ModelSpec, svc:
     """Ingest, with the bare-model ceiling measured just before (service started, idle): on a shared machine
     the CPU left to us changes by the minute, so only figures taken side by side make a fair ratio."""
     note(f"ingest: {tag} (ceiling first)")
-    ceiling = await asyncio.to_thread(measure_ceiling, spec, Settings().max_batch, args.seconds)
+    ceiling = await asyncio.to_thread(measure_ceiling, spec, args.service, args.seconds)
     out = await ingest(svc, spec.name, images, tag, args.images, args.concurrency)
-    return out | {"ceiling_images_per_s": ceiling["images_per_s"]}
+    # The cores do the model's work and everything else (decode, HTTP, JSON, Milvus, and this harness's image
+    # server and clients). If ingest keeps them busy, its rate over the bare model's cannot exceed the model's CPU
+    # per image over all the CPU spent per image.
+    all_cpu = out["service_cpu_ms_per_image"] + out["harness_cpu_ms_per_image"]
+    return out | {"ceiling_images_per_s": ceiling["images_per_s"], "model_cpu_ms_per_image": ceiling["cpu_ms_per_image"],
+                  "cpu_bound_on_ratio": ceiling["cpu_ms_per_image"] / all_cpu}
 
 
 async def embedded_phases(args: argparse.Namespace, spec: ModelSpec, models: Path, tmp: Path, images: str,
                           pool: list[bytes], fig: Figures) -> None:
-    async with deploy.embedded(models, tmp) as svc:
+    async with deploy.embedded(models, tmp, **args.settings) as svc:
         if "ingest" not in args.skip:
             fig["ingest"]["embedded"] = await ingest_against_ceiling(args, spec, svc, images, "embedded")
         if "restore" not in args.skip:
@@ -374,18 +397,18 @@ async def embedded_phases(args: argparse.Namespace, spec: ModelSpec, models: Pat
 
 async def amqp_phases(args: argparse.Namespace, spec: ModelSpec, models: Path, tmp: Path, images: str,
                       fig: Figures) -> None:
-    async with deploy.distributed(models, tmp, workers=1) as svc:
+    async with deploy.distributed(models, tmp, workers=1, **args.settings) as svc:
         fig["ingest"]["amqp_1_worker"] = await ingest_against_ceiling(args, spec, svc, images, "amqp")
         fig["rss_mb"]["amqp"] = svc.rss()
 
 
 async def run(args: argparse.Namespace) -> Figures:
     spec = pick_model(args)
-    batch = Settings().max_batch
+    batch = args.service.max_batch
     fig: Figures = {"meta": meta(args, spec, batch), "ingest": {}, "rss_mb": {}}
     if "ceiling" not in args.skip:
         note(f"ceiling: {spec.name}, batch {batch}")
-        fig["ceiling"] = measure_ceiling(spec, batch, args.seconds)
+        fig["ceiling"] = measure_ceiling(spec, args.service, args.seconds)
     pool = deploy.jpeg_pool(min(max(args.images, args.searches + 1), 256))
     fig["decode_ms_per_image"] = measure_decode(spec, pool)
     with tempfile.TemporaryDirectory(prefix="idios-bench-") as name:
@@ -397,9 +420,10 @@ async def run(args: argparse.Namespace) -> Figures:
                 await amqp_phases(args, spec, models, tmp, images, fig)
         if "floors" not in args.skip:
             note(f"floors: bare Milvus Lite with {args.rows:,} rows" + (", bare text tower" if spec.has_text else ""))
-            fig["floors"] = await asyncio.to_thread(measure_store, tmp / "floor.db", args.rows, spec.dim, args.searches)
+            fig["floors"] = await asyncio.to_thread(measure_store, tmp / "floor.db", args.rows, spec.dim, args.searches,
+                                                    args.service.vector_index)
             if spec.has_text:
-                fig["floors"]["text_model"] = measure_text(spec, args.searches)
+                fig["floors"]["text_model"] = measure_text(spec, args.service, args.searches)
     add_ratios(fig)
     fig["meta"]["loadavg_after"] = os.getloadavg()
     return fig
@@ -409,7 +433,7 @@ def meta(args: argparse.Namespace, spec: ModelSpec, batch: int) -> Figures:
     return {"model": spec.name, "dim": spec.dim, "text_tower": spec.has_text, "max_batch": batch,
             "rows": args.rows, "images": args.images, "concurrency": args.concurrency,
             "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "loadavg_before": os.getloadavg()}
+            "loadavg_before": os.getloadavg(), "settings": args.settings}
 
 
 def add_ratios(fig: Figures) -> None:
@@ -428,15 +452,16 @@ def add_ratios(fig: Figures) -> None:
             bare = floors["pk_lookup"]["p50_ms"] + floors["search_top10"]["p50_ms"]
             indexed = fig["search"]["indexed_url"]["p50_ms"]
             fig["search"]["indexed_url_p50_over_bare_lookup_and_search"] = indexed / bare
-            if "text" in fig["search"] and "text_model" in floors:
-                fig["search"]["text_p50_over_bare_text_model"] = (
-                    fig["search"]["text"]["p50_ms"] / floors["text_model"]["p50_ms"])
+            if "text" in fig["search"] and "text_model" in floors:  # a text search embeds, then searches
+                fig["search"]["text_p50_over_bare_text_and_search"] = fig["search"]["text"]["p50_ms"] / (
+                    floors["text_model"]["p50_ms"] + floors["search_top10"]["p50_ms"])
 
 
 def table(fig: Figures) -> str:
     """The figures as aligned text lines."""
     lines = [f"model {fig['meta']['model']} · batch {fig['meta']['max_batch']} · {fig['meta']['date']} · "
-             f"load {fig['meta']['loadavg_before'][0]:.2f} before / {fig['meta']['loadavg_after'][0]:.2f} after"]
+             f"load {fig['meta']['loadavg_before'][0]:.2f} before / {fig['meta']['loadavg_after'][0]:.2f} after"
+             + "".join(f" · {k}={v}" for k, v in fig["meta"]["settings"].items())]
 
     def row(name: str, value: float, unit: str, digits: int = 1) -> None:
         lines.append(f"  {name:<44} {value:>12,.{digits}f} {unit}".rstrip())
@@ -452,6 +477,10 @@ def table(fig: Figures) -> str:
         row(f"ingest {where}: ceiling just before", f["ceiling_images_per_s"], "img/s")
         if "ratio_to_ceiling" in f:
             row(f"ingest {where} / ceiling", f["ratio_to_ceiling"], "", 3)
+        row(f"ingest {where}: CPU per image, bare model", f["model_cpu_ms_per_image"], "ms")
+        row(f"ingest {where}: CPU per image, service", f["service_cpu_ms_per_image"], "ms")
+        row(f"ingest {where}: CPU per image, harness", f["harness_cpu_ms_per_image"], "ms")
+        row(f"ingest {where}: CPU bound on the ratio", f["cpu_bound_on_ratio"], "", 3)
         if "model_busy_fraction" in f:
             row(f"ingest {where}: model busy fraction", f["model_busy_fraction"], "", 3)
             row(f"ingest {where}: Milvus write fraction", f["milvus_write_fraction"], "", 3)
@@ -466,8 +495,8 @@ def table(fig: Figures) -> str:
     if "indexed_url_p50_over_bare_lookup_and_search" in search:
         row("search indexed_url p50 / bare lookup + search", search["indexed_url_p50_over_bare_lookup_and_search"],
             "", 2)
-    if "text_p50_over_bare_text_model" in search:
-        row("search text p50 / bare text tower", search["text_p50_over_bare_text_model"], "", 2)
+    if "text_p50_over_bare_text_and_search" in search:
+        row("search text p50 / bare text tower + search", search["text_p50_over_bare_text_and_search"], "", 2)
     for phase in ("restore", "dump"):
         if phase in fig:
             row(f"{phase} ({fig[phase]['rows']:,} rows)", fig[phase]["rows_per_s"], "rows/s")

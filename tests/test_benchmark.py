@@ -36,7 +36,8 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
     # thumb_text is thumb_grid with a toy text tower, so the text search figure is exercised too
     proc = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--models-dir", str(models_dir), "--model", "thumb_text",
-         "--rows", "2000", "--images", "40", "--searches", "8", "--seconds", "1", "--json", str(out)],
+         "--rows", "2000", "--images", "40", "--searches", "8", "--seconds", "1", "--json", str(out),
+         "--set", "max_batch=8"],
         cwd=ROOT, capture_output=True, text=True, timeout=380,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,7 +48,11 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
     for figures in fig["ingest"].values():
         assert set(figures) >= {"add_images_per_s", "add_bulk_images_per_s", "images_per_s", "ratio_to_ceiling",
                                 "ceiling_images_per_s", "model_busy_fraction", "mean_embed_batch",
-                                "milvus_write_fraction"}
+                                "milvus_write_fraction", "model_cpu_ms_per_image", "service_cpu_ms_per_image",
+                                "harness_cpu_ms_per_image", "cpu_bound_on_ratio"}
+        assert figures["mean_embed_batch"] <= 8  # --set reached the services
+    assert fig["meta"]["max_batch"] == 8 and fig["ceiling"]["batch"] == 8 and fig["meta"]["settings"] == {
+        "max_batch": "8"}
     for kind in ("indexed_url", "image_url", "upload", "text"):
         assert set(fig["search"][kind]) == {"p50_ms", "p95_ms", "p99_ms", "n"}
     assert fig["restore"]["rows"] == 2000
@@ -56,7 +61,7 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
     assert set(floors) >= {"insert_rows_per_s", "upsert_rows_per_s", "read_by_key_rows_per_s", "pk_lookup",
                            "search_top10"}
     assert "over_bare_insert" in fig["restore"] and "over_bare_read" in fig["dump"]
-    assert {"indexed_url_p50_over_bare_lookup_and_search", "text_p50_over_bare_text_model"} <= set(fig["search"])
+    assert {"indexed_url_p50_over_bare_lookup_and_search", "text_p50_over_bare_text_and_search"} <= set(fig["search"])
     assert fig["dump"]["rows"] >= 2000 + 40  # the restored rows and the ingested images
     assert {"serve"} <= set(fig["rss_mb"]["embedded"]) and {"api", "worker"} <= set(fig["rss_mb"]["amqp"])
     assert positive_numbers(fig) == []
