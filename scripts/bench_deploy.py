@@ -191,7 +191,6 @@ async def embedded(models: Path, tmp: Path, **extra: object) -> AsyncIterator[De
 def milvus_server(folder: Path) -> Iterator[str]:
     """Milvus Lite's engine serving gRPC on a loopback port, shared by the API and the worker."""
     from milvus_lite.server import Server
-    from pymilvus import MilvusClient
 
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -200,24 +199,31 @@ def milvus_server(folder: Path) -> Iterator[str]:
         raise RuntimeError("could not start the Milvus Lite server")
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                MilvusClient(uri, timeout=5).close()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_for_milvus(uri)
         yield uri
     finally:
         server.stop()
 
 
-async def delete_queues(prefix: str) -> None:
+def wait_for_milvus(uri: str, timeout: float = 90) -> None:
+    """The server process is up before it listens; on a loaded machine that can take seconds."""
+    from pymilvus import MilvusClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            MilvusClient(uri, timeout=5).close()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+async def delete_queues(prefix: str, amqp_url: str = AMQP_URL) -> None:
     import aio_pika
 
-    conn = await aio_pika.connect(AMQP_URL, timeout=5)
+    conn = await aio_pika.connect(amqp_url, timeout=5)
     async with conn:
         channel = await conn.channel()
         for name in (f"{prefix}.jobs", f"{prefix}.jobs.dead"):

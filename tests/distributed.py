@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aio_pika
@@ -23,13 +22,10 @@ from idios.api.backend import distributed_backend
 from idios.settings import Settings
 from tests.conftest import ROOT, Service, wait_for_ping
 
+import bench_deploy  # noqa: E402  (scripts/, on sys.path through tests.conftest)
+from bench_deploy import free_port, milvus_server  # noqa: E402,F401  (shared with the benchmark)
+
 AMQP_URL = os.environ.get("IDIOS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def require_broker() -> None:
@@ -42,40 +38,6 @@ async def require_broker() -> None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-
-
-@contextmanager
-def milvus_server(folder: Path) -> Iterator[str]:
-    """Milvus Lite's engine serving gRPC on a loopback port: a Milvus server several processes can share."""
-    from milvus_lite.server import Server
-
-    port = free_port()
-    server = Server(str(folder / "milvus.db"), address=f"127.0.0.1:{port}")
-    if not server.init() or not server.start():
-        raise RuntimeError("could not start the Milvus Lite server")
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_milvus(uri)
-        yield uri
-    finally:
-        server.stop()
-
-
-def wait_for_milvus(uri: str, timeout: float = 90) -> None:
-    """The server process is up before it listens; on a loaded machine that can take seconds."""
-    import time
-
-    from pymilvus import MilvusClient
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            MilvusClient(uri, timeout=5).close()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def settings_for(milvus_uri: str, prefix: str, models: Path, data: Path, **kw: object) -> Settings:
@@ -116,11 +78,7 @@ def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
 
 
 async def delete_queues(prefix: str) -> None:
-    conn = await aio_pika.connect(AMQP_URL, timeout=5)
-    async with conn:
-        channel = await conn.channel()
-        for name in (f"{prefix}.jobs", f"{prefix}.jobs.dead"):
-            await channel.queue_delete(name)
+    await bench_deploy.delete_queues(prefix, AMQP_URL)
 
 
 @asynccontextmanager

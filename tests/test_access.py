@@ -75,3 +75,28 @@ async def test_metrics(tmp_path: Path, models_dir: Path, images: str) -> None:
         assert value('idios_jobs_total{kind="add",outcome="ok"}') == 3
         assert value("idios_jobs_in_flight") == 0
         assert value('idios_http_request_seconds_bucket{le="+Inf",route="/models/{model}/add"}') == 4
+
+
+async def test_the_openapi_document_describes_the_keys(tmp_path: Path, models_dir: Path) -> None:
+    """Swagger UI's Authorize button needs the schemes; clients need the 401/403 answers documented."""
+    from openapi_spec_validator import validate
+
+    settings = Settings.from_env({}, data_dir=tmp_path, models_dir=models_dir, api_keys="k1, k2:ro")
+    async with running_service(settings) as svc:
+        status, _, doc = await call(svc, "GET", "/openapi.json")
+    assert status == 200 and isinstance(doc, dict)
+    validate(doc)
+    assert set(doc["components"]["securitySchemes"]) == {"bearerKey", "headerKey"}
+    assert doc["security"] == [{"bearerKey": []}, {"headerKey": []}]
+    paths = doc["paths"]
+    assert paths["/ping"]["get"]["security"] == [] and paths["/docs"]["get"]["security"] == []
+    assert {"401", "403"} <= set(paths["/models/{model}/add"]["post"]["responses"])
+    search = paths["/models/{model}/search"]["post"]["responses"]
+    assert "401" in search and "403" not in search  # a read-only key may search
+    assert "403" not in paths["/models"]["get"]["responses"] and "401" in paths["/models"]["get"]["responses"]
+
+
+async def test_without_keys_the_document_asks_for_none(service: Service) -> None:
+    status, _, doc = await call(service, "GET", "/openapi.json")
+    assert status == 200 and isinstance(doc, dict)
+    assert "security" not in doc and "securitySchemes" not in doc["components"]

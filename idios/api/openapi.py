@@ -263,9 +263,37 @@ def service_paths() -> dict[str, dict[str, Any]]:
     }
 
 
+SECURITY_SCHEMES = {
+    "bearerKey": {"type": "http", "scheme": "bearer", "description": "an API key as `Authorization: Bearer KEY`"},
+    "headerKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "an API key"},
+}
+
+
+def secure(document: dict[str, Any]) -> None:
+    """With API keys configured: the key schemes, a key required everywhere but the public paths, and the 401
+    (and, where a read-only key is not enough, 403) answers, as idios.api.auth enforces them."""
+    from idios.api.auth import PUBLIC_PATHS, PUBLIC_PREFIXES, READ_ACTIONS
+
+    document["components"]["securitySchemes"] = SECURITY_SCHEMES
+    document["security"] = [{"bearerKey": []}, {"headerKey": []}]
+    unauthorized = error(ErrorBody, "`unauthorized`: no valid API key (the same answer whatever was wrong)")
+    forbidden = error(ErrorBody, "`forbidden`: this API key is read-only")
+    for path, ops in document["paths"].items():
+        public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+        for method, operation in ops.items():
+            if public:
+                operation["security"] = []
+                continue
+            operation["responses"]["401"] = unauthorized
+            if method != "get" and path.rsplit("/", 1)[-1] not in READ_ACTIONS:
+                operation["responses"]["403"] = forbidden
+
+
 def build(settings: Settings) -> dict[str, Any]:
     """The whole OpenAPI document."""
-    return {
+    from idios.api.auth import ApiKeys
+
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "Idios",
@@ -283,3 +311,6 @@ def build(settings: Settings) -> dict[str, Any]:
         "paths": {**service_paths(), **image_paths(settings)},
         "components": {"schemas": component_schemas()},
     }
+    if ApiKeys.from_settings(settings) is not None:
+        secure(document)
+    return document
