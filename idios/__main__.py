@@ -11,6 +11,7 @@ from aiohttp import web
 
 from idios.api.app import create_app
 from idios.api.backend import distributed_backend, embedded_backend, require_distributed
+from idios.embed import resolve_providers
 from idios.memory import fix_mmap_threshold
 from idios.settings import Settings, add_arguments, from_args
 
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = from_args(args)
     configure_logging(settings)
     fix_mmap_threshold(settings.malloc_mmap_threshold_kb)  # before any model is loaded
+    try:
+        resolve_providers(settings.execution_provider)
+    except ValueError as exc:
+        raise SystemExit(f"IDIOS_EXECUTION_PROVIDER: {exc}") from None
     if args.command == "worker":
         import asyncio
 

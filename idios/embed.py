@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,53 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _providers_for(setting: str) -> tuple[str, ...]:
+    return tuple(resolve_providers(setting, ort.get_available_providers()))
+
+
+def providers_for(settings: Settings) -> list[str]:
+    """The providers for this service's sessions (resolved, and warned about, once)."""
+    return list(_providers_for(settings.execution_provider))
+
+
+def resolve_providers(setting: str, available: list[str] | None = None) -> list[str]:
+    """`IDIOS_EXECUTION_PROVIDER` → the onnxruntime providers to ask for, CPU last.
+
+    A provider this onnxruntime build lacks (say `cuda` with the plain `onnxruntime` package rather than
+    `onnxruntime-gpu`) is dropped with a warning, so the service still starts, on the CPU. A name that is no
+    provider at all is a configuration error."""
+    have = ort.get_available_providers() if available is None else available
+    known = set(PROVIDER_NAMES.values()) | set(have)
+    chosen: list[str] = []
+    for raw in (part.strip() for part in setting.split(",")):
+        if not raw:
+            continue
+        name = PROVIDER_NAMES.get(raw.lower(), raw)
+        if name not in known and not name.endswith("ExecutionProvider"):
+            raise ValueError(f"unknown execution provider {raw!r}: use one of {', '.join(PROVIDER_NAMES)} "
+                             "or a full onnxruntime provider name")
+        if name not in have:
+            log.warning("execution provider %s is not available in this onnxruntime (available: %s); "
+                        "falling back to the next one, CPU at the latest", name, ", ".join(have))
+        elif name not in chosen:
+            chosen.append(name)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
 class OnnxTower:
     """One onnxruntime session: first input in, first output out, batch dimension dynamic."""
 
@@ -38,6 +86,9 @@ class OnnxTower:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        wanted = (providers or ["CPUExecutionProvider"])[0]
+        if self.session.get_providers()[0] != wanted:  # e.g. CUDA present but no usable GPU/driver
+            log.warning("%s: asked for %s, running on %s", path.name, wanted, self.session.get_providers()[0])
         self.input = self.session.get_inputs()[0].name
         self.output = self.session.get_outputs()[0].name
 
@@ -53,12 +104,12 @@ class TextEncoder:
     A tower exported with a dynamic sequence length (scripts/export_clip.py `TrimmedTextTower`) gets the batch
     padded to its longest text only: a short query costs a few tokens of compute instead of the whole context."""
 
-    def __init__(self, tower: TextTower, threads: int) -> None:
+    def __init__(self, tower: TextTower, threads: int, providers: list[str] | None = None) -> None:
         from tokenizers import Tokenizer
 
         self.context_length = tower.context_length
         self.clean = CLEANERS[tower.clean]
-        self.tower = OnnxTower(tower.file, threads)
+        self.tower = OnnxTower(tower.file, threads, providers)
         shape = self.tower.session.get_inputs()[0].shape
         self.trimmed = len(shape) == 2 and not isinstance(shape[1], int)
         self.tokenizer = Tokenizer.from_file(str(tower.tokenizer))
@@ -81,7 +132,7 @@ class ModelRuntime:
 
     def __init__(self, spec: ModelSpec, settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics) -> None:
         self.spec = spec
-        self.visual = OnnxTower(spec.visual, onnx_threads(settings), spin=settings.onnx_spin)
+        self.visual = OnnxTower(spec.visual, onnx_threads(settings), providers_for(settings), spin=settings.onnx_spin)
         self._executor = executor
         self.images: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
             f"embed-{spec.name}", self._run_images, settings.max_batch, settings.max_wait_ms / 1000,
@@ -114,7 +165,7 @@ class TextRuntime:
     def __init__(self, spec: ModelSpec, settings: Settings, metrics: Metrics) -> None:
         assert spec.text is not None
         self.spec = spec
-        self.encoder = TextEncoder(spec.text, onnx_threads(settings))
+        self.encoder = TextEncoder(spec.text, onnx_threads(settings), providers_for(settings))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"idios-text-{spec.name}")
         self.texts: MicroBatcher[str, np.ndarray] = MicroBatcher(
             f"text-{spec.name}", self._run, self.MAX_BATCH, settings.max_wait_ms / 1000,

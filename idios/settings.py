@@ -52,6 +52,11 @@ class Settings:
     min_image_side: int = field(default=150, metadata={"help": "smallest accepted image side, pixels"})
     decode_threads: int = field(default=2, metadata={"help": "threads decoding images"})
     onnx_threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads (0 = all cores)"})
+    execution_provider: str = field(
+        default="cpu",
+        metadata={"help": "onnxruntime execution providers in order of preference, comma-separated: cpu, cuda, "
+                          "tensorrt, rocm, openvino, coreml, dml or a full provider name; CPU is always the fallback"},
+    )
     malloc_mmap_threshold_kb: int = field(
         default=1024, metadata={"help": "glibc: larger blocks are mapped and returned when freed (0 = glibc default)"}
     )

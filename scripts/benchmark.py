@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_deploy as deploy  # noqa: E402
 from idios.decode import DecodeLimits, preprocess  # noqa: E402
-from idios.embed import OnnxTower, TextEncoder  # noqa: E402
+from idios.embed import OnnxTower, TextEncoder, providers_for  # noqa: E402
 from idios.store import URL_MAX  # noqa: E402
 from idios.models import ModelSpec, discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
@@ -101,7 +101,8 @@ def quantiles_ms(samples: list[float]) -> Figures:
 def measure_ceiling(spec: ModelSpec, settings: Settings, seconds: float) -> Figures:
     """Bare onnxruntime throughput at the service's batch size, and batch-1 latency, same threads as the service."""
     batch = settings.max_batch
-    tower = OnnxTower(spec.visual, settings.onnx_threads or os.cpu_count() or 1, spin=settings.onnx_spin)
+    tower = OnnxTower(spec.visual, settings.onnx_threads or os.cpu_count() or 1, providers_for(settings),
+                      spin=settings.onnx_spin)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, spec.image_size, spec.image_size)).astype(np.float32)
     tower.run(x)  # warm-up: the first run allocates
@@ -136,7 +137,7 @@ def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
 def measure_text(spec: ModelSpec, settings: Settings, n: int) -> Figures:
     """The bare text tower (tokenizer + ONNX, one short text at a time), same threads as the service."""
     assert spec.text is not None
-    encoder = TextEncoder(spec.text, settings.onnx_threads or os.cpu_count() or 1)
+    encoder = TextEncoder(spec.text, settings.onnx_threads or os.cpu_count() or 1, providers_for(settings))
     encoder.run(["warm up"])
     samples = []
     for i in range(n):
