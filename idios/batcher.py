@@ -20,10 +20,10 @@ class MicroBatcher(Generic[T, R]):
 
     `submit` waits for the item's own result; a failing batch fails every caller in it with the same error.
     The queue is bounded, so callers feel back-pressure when the batch function falls behind.
-    Waiting for company is earned: an item that finds the queue empty runs at once unless the previous batch
-    had company (more than one item). One client at a time never waits; under load the queue is rarely empty
-    and, once batches form, a short wait (`max_wait`) lets them fill; when load stops, at most one lone item
-    waits before the batcher goes back to running lone items at once.
+    Waiting for company has to be worth it: an item that finds the queue empty runs at once unless company is
+    expected, because the previous batch had some (more than one item) or because `coming()` says items are on
+    their way (say, images still being fetched and decoded for other jobs). One client at a time never waits;
+    under load batches fill within `max_wait`; when load stops, at most one lone item waits.
     """
 
     def __init__(
@@ -34,6 +34,7 @@ class MicroBatcher(Generic[T, R]):
         max_wait: float,
         queue_size: int = 0,
         observe: Callable[[int, float], None] | None = None,
+        coming: Callable[[], int] | None = None,
     ):
         self.name = name
         self._process = process
@@ -41,6 +42,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_wait = max(0.0, max_wait)
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue(queue_size or 4 * self.max_batch)
         self._waits = False  # whether the last batch had company, so that waiting for more is worth it
+        self.coming = coming  # how many items are on their way to this batcher
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.items = 0
@@ -79,7 +81,8 @@ class MicroBatcher(Generic[T, R]):
     async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.max_wait if self._waits else 0.0)
+        expected = self._waits or (self.coming is not None and self.coming() > 0)
+        deadline = loop.time() + (self.max_wait if expected else 0.0)
         while len(batch) < self.max_batch:
             try:
                 batch.append(self._queue.get_nowait())

@@ -62,6 +62,26 @@ async def test_a_lone_item_runs_at_once_and_waiting_starts_once_batches_have_com
     assert seen == [[1], [2, 3], [4, 5]]
 
 
+async def test_a_lone_item_waits_when_more_are_on_their_way() -> None:
+    seen: list[list[int]] = []
+    on_the_way = [1]
+
+    async def record(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        return items
+
+    async with MicroBatcher("t", record, max_batch=8, max_wait=0.5, coming=lambda: on_the_way[0]) as b:
+        first = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.1)
+        assert seen == []  # another item is being prepared: worth waiting for
+        on_the_way[0] = 0
+        assert await asyncio.gather(first, b.submit(2)) == [1, 2]
+        assert seen == [[1, 2]]
+        assert await b.submit(3) == 3  # nothing on the way, but the last batch had company: it waits once
+        assert await b.submit(4) == 4  # lone, nothing coming: at once
+    assert seen == [[1, 2], [3], [4]]
+
+
 async def test_a_failing_batch_fails_each_of_its_callers() -> None:
     async def boom(items: list[int]) -> list[int]:
         raise ValueError("model exploded")
