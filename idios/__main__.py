@@ -11,7 +11,7 @@ from aiohttp import web
 
 from idios.api.app import create_app
 from idios.api.backend import distributed_backend, embedded_backend, require_distributed
-from idios.embed import resolve_providers
+from idios.embed import providers_for
 from idios.memory import fix_mmap_threshold
 from idios.settings import Settings, add_arguments, from_args
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings)
     fix_mmap_threshold(settings.malloc_mmap_threshold_kb)  # before any model is loaded
     try:
-        resolve_providers(settings.execution_provider)
+        providers_for(settings)  # resolved once, here: a bad name stops start-up, a missing one is warned about
     except ValueError as exc:
         raise SystemExit(f"IDIOS_EXECUTION_PROVIDER: {exc}") from None
     if args.command == "worker":

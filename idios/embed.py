@@ -48,14 +48,13 @@ def providers_for(settings: Settings) -> list[str]:
     return list(_providers_for(settings.execution_provider))
 
 
-def resolve_providers(setting: str, available: list[str] | None = None) -> list[str]:
+def resolve_providers(setting: str, available: list[str]) -> list[str]:
     """`IDIOS_EXECUTION_PROVIDER` → the onnxruntime providers to ask for, CPU last.
 
     A provider this onnxruntime build lacks (say `cuda` with the plain `onnxruntime` package rather than
     `onnxruntime-gpu`) is dropped with a warning, so the service still starts, on the CPU. A name that is no
     provider at all is a configuration error."""
-    have = ort.get_available_providers() if available is None else available
-    known = set(PROVIDER_NAMES.values()) | set(have)
+    known = set(PROVIDER_NAMES.values()) | set(available)
     chosen: list[str] = []
     for raw in (part.strip() for part in setting.split(",")):
         if not raw:
@@ -64,9 +63,9 @@ def resolve_providers(setting: str, available: list[str] | None = None) -> list[
         if name not in known and not name.endswith("ExecutionProvider"):
             raise ValueError(f"unknown execution provider {raw!r}: use one of {', '.join(PROVIDER_NAMES)} "
                              "or a full onnxruntime provider name")
-        if name not in have:
+        if name not in available:
             log.warning("execution provider %s is not available in this onnxruntime (available: %s); "
-                        "falling back to the next one, CPU at the latest", name, ", ".join(have))
+                        "falling back to the next one, CPU at the latest", name, ", ".join(available))
         elif name not in chosen:
             chosen.append(name)
     if "CPUExecutionProvider" not in chosen:
@@ -85,8 +84,9 @@ class OnnxTower:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-        wanted = (providers or ["CPUExecutionProvider"])[0]
+        providers = providers or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        wanted = providers[0]
         if self.session.get_providers()[0] != wanted:  # e.g. CUDA present but no usable GPU/driver
             log.warning("%s: asked for %s, running on %s", path.name, wanted, self.session.get_providers()[0])
         self.input = self.session.get_inputs()[0].name
@@ -134,9 +134,10 @@ class ModelRuntime:
         self.spec = spec
         self.visual = OnnxTower(spec.visual, onnx_threads(settings), providers_for(settings), spin=settings.onnx_spin)
         self._executor = executor
+        self.preparing = 0  # images of this model still being fetched or decoded: the batcher waits for them
         self.images: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
             f"embed-{spec.name}", self._run_images, settings.max_batch, settings.max_wait_ms / 1000,
-            observe=metrics.batch_observer("embed", spec.name),
+            observe=metrics.batch_observer("embed", spec.name), coming=lambda: self.preparing,
         )
 
     async def __aenter__(self) -> ModelRuntime:

@@ -50,6 +50,26 @@ def similarity(cosine: float) -> float:
     return float(min(100.0, max(0.0, 100.0 * cosine)))
 
 
+def index_args(kind: str) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if kind == "HNSW":
+        params = {"M": 16, "efConstruction": 200}
+    elif kind == "IVF_FLAT":
+        params = {"nlist": 1024}
+    return {"index_type": kind, "metric_type": "COSINE", "params": params}
+
+
+def create_collection(client: MilvusClient, name: str, dim: int, index_kind: str) -> None:
+    """A collection as Idios stores a model: url primary key, unit vectors compared by COSINE, metadata JSON."""
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("url", DataType.VARCHAR, is_primary=True, max_length=URL_MAX)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("metadata", DataType.JSON)
+    index = client.prepare_index_params()
+    index.add_index("embedding", **index_args(index_kind))
+    client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+
+
 class CollectionStore:
     """Reads and writes the per-model collections. Upserts by url make repeated writes safe."""
 
@@ -99,14 +119,8 @@ class CollectionStore:
             if dim is not None and dim != spec.dim:
                 raise RuntimeError(f"collection {name} holds {dim}-d vectors but model {spec.name} makes {spec.dim}-d")
         else:
-            schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("url", DataType.VARCHAR, is_primary=True, max_length=URL_MAX)
-            schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=spec.dim)
-            schema.add_field("metadata", DataType.JSON)
-            index = client.prepare_index_params()
-            index.add_index("embedding", **self._index_args())
             try:
-                client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+                create_collection(client, name, spec.dim, self.index_kind)
                 log.info("created collection %s (%s, dim %d)", name, self.index_kind, spec.dim)
             except Exception:
                 if not client.has_collection(name):  # another process may have won the race
@@ -126,15 +140,6 @@ class CollectionStore:
         finally:
             quiet.setLevel(level)
         return False
-
-    def _index_args(self) -> dict[str, Any]:
-        kind = self.index_kind
-        params: dict[str, Any] = {}
-        if kind == "HNSW":
-            params = {"M": 16, "efConstruction": 200}
-        elif kind == "IVF_FLAT":
-            params = {"nlist": 1024}
-        return {"index_type": kind, "metric_type": "COSINE", "params": params}
 
     @staticmethod
     def _stored_dim(client: MilvusClient, name: str) -> int | None:

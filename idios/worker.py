@@ -7,7 +7,6 @@ Milvus upsert serve many requests.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -40,7 +39,6 @@ class JobHandler:
         self.runtimes: dict[str, ModelRuntime] = {}
         self.writers: dict[str, MicroBatcher[Row, None]] = {}
         self._fetcher: ImageFetcher | None = None
-        self._preparing: dict[str, int] = {}  # image jobs per model still fetching or decoding
         self._decode_pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -59,9 +57,6 @@ class JobHandler:
         )
         model_pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="idios-onnx"))
         self.runtimes = await load_runtimes(specs, settings, model_pool, stack, metrics)
-        for name, runtime in self.runtimes.items():  # the embed batcher waits for images on their way
-            self._preparing[name] = 0
-            runtime.images.coming = functools.partial(self._preparing.__getitem__, name)
         for name in specs:
             self.writers[name] = await stack.enter_async_context(
                 MicroBatcher(
@@ -116,14 +111,13 @@ class JobHandler:
 
     async def _embed_image(self, runtime: ModelRuntime, job: ImageJob) -> np.ndarray:
         assert self._fetcher is not None and self._decode_pool is not None
-        name = runtime.spec.name
-        self._preparing[name] += 1
+        runtime.preparing += 1
         try:
             data = job.image if job.image is not None else await self._fetcher.fetch(job.url)
             loop = asyncio.get_running_loop()
             tensor = await loop.run_in_executor(self._decode_pool, preprocess, data, runtime.spec, self.limits)
         finally:
-            self._preparing[name] -= 1
+            runtime.preparing -= 1
         return await runtime.embed_image(tensor)
 
     async def _restore(self, runtime: ModelRuntime, rows: list[dict[str, Any]]) -> int:

@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_deploy as deploy  # noqa: E402
 from idios.decode import DecodeLimits, preprocess  # noqa: E402
-from idios.embed import OnnxTower, TextEncoder, providers_for  # noqa: E402
-from idios.store import URL_MAX  # noqa: E402
+from idios.embed import OnnxTower, TextEncoder, onnx_threads, providers_for  # noqa: E402
+from idios.filters import url_in  # noqa: E402
 from idios.models import ModelSpec, discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
+from idios.store import create_collection  # noqa: E402
 
 PHASES = ("ceiling", "ingest", "amqp", "restore", "search", "dump", "floors")
 BULK_ITEMS = 32  # urls per add_bulk request
@@ -101,8 +102,7 @@ def quantiles_ms(samples: list[float]) -> Figures:
 def measure_ceiling(spec: ModelSpec, settings: Settings, seconds: float) -> Figures:
     """Bare onnxruntime throughput at the service's batch size, and batch-1 latency, same threads as the service."""
     batch = settings.max_batch
-    tower = OnnxTower(spec.visual, settings.onnx_threads or os.cpu_count() or 1, providers_for(settings),
-                      spin=settings.onnx_spin)
+    tower = OnnxTower(spec.visual, onnx_threads(settings), providers_for(settings), spin=settings.onnx_spin)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, spec.image_size, spec.image_size)).astype(np.float32)
     tower.run(x)  # warm-up: the first run allocates
@@ -137,7 +137,7 @@ def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
 def measure_text(spec: ModelSpec, settings: Settings, n: int) -> Figures:
     """The bare text tower (tokenizer + ONNX, one short text at a time), same threads as the service."""
     assert spec.text is not None
-    encoder = TextEncoder(spec.text, settings.onnx_threads or os.cpu_count() or 1, providers_for(settings))
+    encoder = TextEncoder(spec.text, onnx_threads(settings), providers_for(settings))
     encoder.run(["warm up"])
     samples = []
     for i in range(n):
@@ -153,17 +153,11 @@ def measure_store(path: Path, rows: int, dim: int, n: int, index_type: str) -> F
     """What Milvus Lite itself does on this machine, through a bare pymilvus client with no Idios code in the way,
     on a scratch collection shaped like the service's with `rows` rows: the floor under restore, dump and search.
     Same engine, same process layout (a Milvus Lite server process per file), measured just after the service."""
-    from pymilvus import DataType, MilvusClient
+    from pymilvus import MilvusClient
 
     client = MilvusClient(str(path))
     try:
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("url", DataType.VARCHAR, is_primary=True, max_length=URL_MAX)
-        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-        schema.add_field("metadata", DataType.JSON)
-        index = client.prepare_index_params()
-        index.add_index("embedding", index_type=index_type, metric_type="COSINE")
-        client.create_collection("floor", schema=schema, index_params=index, consistency_level="Strong")
+        create_collection(client, "floor", dim, index_type)
         rng = np.random.default_rng(3)
         chunk = 1000
 
@@ -186,7 +180,7 @@ def measure_store(path: Path, rows: int, dim: int, n: int, index_type: str) -> F
         lookups = []
         for key in keys:
             t = time.perf_counter()
-            client.query("floor", filter=f'url in ["{key}"]', output_fields=["embedding"])
+            client.query("floor", filter=url_in([key]), output_fields=["embedding"])
             lookups.append(time.perf_counter() - t)
         query = rows_at(0, 1)[0]["embedding"].tolist()
         searches = []
@@ -198,8 +192,8 @@ def measure_store(path: Path, rows: int, dim: int, n: int, index_type: str) -> F
         read = min(rows, 20_000)
         start = time.perf_counter()
         for at in range(0, read, 500):
-            names = ", ".join(f'"http://bench.invalid/f/{i:09d}"' for i in range(at, min(read, at + 500)))
-            client.query("floor", filter=f"url in [{names}]", output_fields=["url", "embedding", "metadata"],
+            names = [f"http://bench.invalid/f/{i:09d}" for i in range(at, min(read, at + 500))]
+            client.query("floor", filter=url_in(names), output_fields=["url", "embedding", "metadata"],
                          strict_float32=True)
         by_key = read / (time.perf_counter() - start)
     finally:
@@ -467,6 +461,9 @@ def table(fig: Figures) -> str:
     def row(name: str, value: float, unit: str, digits: int = 1) -> None:
         lines.append(f"  {name:<44} {value:>12,.{digits}f} {unit}".rstrip())
 
+    def quantiles(name: str, f: Figures) -> None:
+        lines.append(f"  {name + ' p50/p95/p99':<44} {f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
+
     if "ceiling" in fig:
         row("ceiling: bare ONNX, service batch", fig["ceiling"]["images_per_s"], "img/s")
         row("model latency: bare ONNX, batch 1", fig["ceiling"]["single_image_ms"], "ms")
@@ -488,8 +485,7 @@ def table(fig: Figures) -> str:
             row(f"ingest {where}: mean model batch", f["mean_embed_batch"], "images")
     for kind, f in fig.get("search", {}).items():
         if isinstance(f, dict):  # the ratio is printed below
-            lines.append(f"  {'search ' + kind + ' p50/p95/p99':<44} "
-                         f"{f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
+            quantiles(f"search {kind}", f)
     search = fig.get("search", {})
     if "image_url_p50_over_single_image" in search:
         row("search image_url p50 / model batch-1 latency", search["image_url_p50_over_single_image"], "", 2)
@@ -507,13 +503,9 @@ def table(fig: Figures) -> str:
         row("bare Milvus Lite upsert of stored rows", floors["upsert_rows_per_s"], "rows/s")
         row("bare Milvus Lite read by key (500 a query)", floors["read_by_key_rows_per_s"], "rows/s")
         for name in ("pk_lookup", "search_top10"):
-            f = floors[name]
-            lines.append(f"  {'bare Milvus Lite ' + name + ' p50/p95/p99':<44} "
-                         f"{f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
+            quantiles(f"bare Milvus Lite {name}", floors[name])
         if "text_model" in floors:
-            f = floors["text_model"]
-            lines.append(f"  {'bare text tower, one text, p50/p95/p99':<44} "
-                         f"{f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
+            quantiles("bare text tower, one text,", floors["text_model"])
         for phase, key in (("restore", "over_bare_insert"), ("dump", "over_bare_read")):
             if key in fig.get(phase, {}):
                 row(f"{phase} / bare Milvus Lite", fig[phase][key], "", 2)
