@@ -31,7 +31,7 @@ from idios.embed import OnnxTower, TextEncoder, onnx_threads, providers_for  # n
 from idios.filters import url_in  # noqa: E402
 from idios.models import ModelSpec, discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
-from idios.store import create_collection  # noqa: E402
+from idios.store import METRIC, create_collection  # noqa: E402
 
 PHASES = ("ceiling", "ingest", "amqp", "restore", "search", "dump", "floors")
 BULK_ITEMS = 32  # urls per add_bulk request
@@ -187,7 +187,7 @@ def measure_store(path: Path, rows: int, dim: int, n: int, index_type: str) -> F
         for _ in range(n):
             t = time.perf_counter()
             client.search("floor", data=[query], limit=10, output_fields=["url", "metadata"],
-                          search_params={"metric_type": "COSINE"})
+                          search_params={"metric_type": METRIC})
             searches.append(time.perf_counter() - t)
         read = min(rows, 20_000)
         start = time.perf_counter()

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from pymilvus import MilvusClient
 
 from idios.bus import LocalBus
-from tests.conftest import Service
+from idios.store import create_collection
+from tests.conftest import Service, make_settings, running_service
 from tests.imagekit import jpeg
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,12 +104,40 @@ async def test_add_bulk_reports_each_item(service: Service, images: str, uniq: s
     assert await count(service) == before + 5
 
 
+async def test_restore_stores_unit_vectors(service: Service, uniq: str) -> None:
+    """Collections compare by inner product, so rows are stored with length 1: a longer or shorter row keeps its
+    direction (its cosines), a row of zeros has none and is refused."""
+    prefix = f"http://unit.test/{uniq}/"
+    long_row = np.zeros(192, dtype=np.float32)
+    long_row[:2] = (3.0, 4.0)  # length 5: stored as (0.6, 0.8, 0, ...)
+    tilted = np.zeros(192, dtype=np.float32)
+    tilted[:2] = (0.28, 0.96)  # already unit length
+    rows = [{"url": prefix + "long", "metadata": {}, "embedding": long_row.tolist()},
+            {"url": prefix + "tilted", "metadata": {}, "embedding": tilted.tolist()}]
+    assert (await post(service, "/models/thumb_grid/restore", rows))[0] == 204
+    _, page = await post(service, "/models/thumb_grid/dump", {"cursor": prefix, "limit": 2})
+    got = {r["url"]: np.float32(r["embedding"]) for r in page if r["url"].startswith(prefix)}
+    assert np.allclose(got[prefix + "long"][:2], (0.6, 0.8)) and not got[prefix + "long"][2:].any()
+    assert np.array_equal(got[prefix + "tilted"], tilted)
+    _, hits = await post(service, "/models/thumb_grid/search",
+                         {"url": prefix + "long", "indexed": True, "limit": 50})
+    mine = {h["url"]: h["similarity"] for h in hits if h["url"].startswith(prefix)}
+    assert mine[prefix + "long"] == pytest.approx(100.0, abs=1e-3)
+    assert mine[prefix + "tilted"] == pytest.approx(100 * (0.6 * 0.28 + 0.8 * 0.96), abs=1e-3)  # the cosine
+
+    zero = [{"url": prefix + "zero", "metadata": {}, "embedding": [0.0] * 192}]
+    status, body = await post(service, "/models/thumb_grid/restore", zero)
+    assert status == 422 and body["detail"][0]["loc"] == ["body", 0, "embedding"]
+    assert "no direction" in body["detail"][0]["msg"]
+
+
 async def test_restore_dump_round_trip_is_exact(service: Service, uniq: str) -> None:
     rng = np.random.default_rng(7)
     prefix = f"http://restore.test/{uniq}/"
     rows = []
     for i in range(40):
         v = rng.standard_normal(192).astype(np.float32)
+        v /= np.linalg.norm(v)  # as every model stores them, so as every dump holds them
         rows.append({"url": f"{prefix}{i:03d}", "metadata": {"i": i, "s": f"x{i}"}, "embedding": v.tolist()})
     assert (await post(service, "/models/thumb_grid/restore", rows))[0] == 204
     got: list[dict[str, Any]] = []
@@ -374,3 +406,27 @@ async def test_concurrent_adds_share_model_batches(service: Service, images: str
     ran_batches = runtime.images.batches - batches
     assert runtime.images.items - items == len(urls)
     assert ran_batches < len(urls) / 2, f"{len(urls)} images took {ran_batches} model runs"
+
+
+async def test_a_collection_made_as_cosine_keeps_working(tmp_path: Path, models_dir: Path, images: str) -> None:
+    """Earlier versions made COSINE collections; the service reads the stored metric and searches with it."""
+    settings = make_settings(tmp_path, models_dir)
+    client = MilvusClient(settings.milvus_target)
+    create_collection(client, "idios_thumb_grid", 192, "FLAT", metric="COSINE")
+    old = np.zeros(192, dtype=np.float32)
+    old[:2] = (3.0, 4.0)  # a row stored as it came, not of unit length
+    client.insert("idios_thumb_grid", [{"url": "http://old.test/a", "embedding": old, "metadata": {"v": 1}}])
+    client.close()
+    async with running_service(settings) as svc:
+        a, b = f"{images}/img/cosine/a.jpg", f"{images}/img/cosine/b.jpg"
+        for url in (a, b):
+            assert (await post(svc, "/models/thumb_grid/add", {"url": url}))[0] == 204
+        status, hits = await post(svc, "/models/thumb_grid/search", {"url": a, "indexed": True, "limit": 3})
+        assert status == 200 and hits[0]["url"] == a and hits[0]["similarity"] == pytest.approx(100, abs=1e-3)
+        _, hits = await post(svc, "/models/thumb_grid/search", {"url": "http://old.test/a", "indexed": True})
+        assert hits[0]["url"] == "http://old.test/a" and hits[0]["similarity"] == pytest.approx(100, abs=1e-3)
+    client = MilvusClient(settings.milvus_target)
+    try:
+        assert client.describe_index("idios_thumb_grid", "embedding")["metric_type"] == "COSINE"
+    finally:
+        client.close()

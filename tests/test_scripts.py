@@ -266,7 +266,7 @@ async def test_dump_restore_round_trip_into_an_empty_service(
 ) -> None:
     rng = np.random.default_rng(11)
     rows = [{"url": f"http://restore.test/{uniq}/{i:03d}?q='\"", "metadata": {"i": i, "nested": {"s": f"é{i}"}},
-             "embedding": rng.standard_normal(192).astype(np.float32).tolist()} for i in range(45)]
+             "embedding": unit(rng.standard_normal(192)).tolist()} for i in range(45)]
     async with service.http.post(service.model("thumb_grid") + "/restore", json=rows) as r:
         assert r.status == 204
     first, second, third = tmp_path / "d1", tmp_path / "d2", tmp_path / "d3"
@@ -286,6 +286,12 @@ async def test_dump_restore_round_trip_into_an_empty_service(
     # the dump format is the original's: one JSON list of {url, embedding, metadata} per file
     assert set(json.loads((first / "page-00000.json").read_text())[0]) == {"url", "embedding", "metadata"}
     assert (await script("dump.py", third, *service_args(service), "--page-size", "4096")).summary["pages"] == 1
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    """A float32 unit vector, as models store them and dumps hold them."""
+    v = v.astype(np.float32)
+    return v / np.linalg.norm(v)
 
 
 def dumped_rows(folder: Path) -> list[dict[str, Any]]:

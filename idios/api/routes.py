@@ -140,12 +140,18 @@ async def add_bulk(request: web.Request) -> web.Response:
     return json_response({"added": added, "found": [u for u in valid if u in found], "failed": failed})
 
 
+UNIT_TOLERANCE = 1e-4  # a float32 unit vector's norm is within ~1e-6 of 1: those are stored bit for bit
+
+
 def embedding_matrix(vectors: list[Any], spec: ModelSpec) -> np.ndarray:
-    """All embeddings of a restore as one float32 matrix, checked at once; a 422 names the first bad row."""
+    """All embeddings of a restore as one float32 matrix of unit rows, checked at once; a 422 names the first bad
+    row. Rows are stored with unit length (the collections compare by inner product, which is then the cosine):
+    rows that are not are scaled to length 1, which leaves their cosine similarities as they were; a row of zeros
+    has no direction and is refused. Dumped rows are unit vectors and come back unchanged."""
     try:
         matrix = np.asarray(vectors, dtype=np.float32)
         if matrix.shape == (len(vectors), spec.dim) and np.isfinite(matrix).all():
-            return matrix
+            return unit_rows(matrix)
     except (ValueError, TypeError):
         pass
     for i, vec in enumerate(vectors):  # the slow path, only to say what is wrong where
@@ -161,6 +167,19 @@ def embedding_matrix(vectors: list[Any], spec: ModelSpec) -> np.ndarray:
         if not np.isfinite(np.asarray(item.embedding)).all():
             raise errors.FieldError("embedding values must be finite", loc=("body", i, "embedding"))
     raise errors.FieldError("embeddings could not be read", loc=("body",))
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise errors.FieldError("an embedding of zeros has no direction to compare",
+                                loc=("body", int(zero[0]), "embedding"))
+    off = np.abs(norms - 1.0) > UNIT_TOLERANCE
+    if off.any():
+        matrix = matrix.copy()
+        matrix[off] = (matrix[off] / norms[off, None]).astype(np.float32)
+    return matrix
 
 
 @routes.post("/models/{model}/restore")
