@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
 import orjson
-from aiohttp import web
-
-from idios.api.app import create_app
+from idios.api.app import create_app, serve_http
 from idios.api.backend import distributed_backend, embedded_backend, require_distributed
 from idios.embed import providers_for
 from idios.memory import fix_mmap_threshold
@@ -69,8 +68,6 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"IDIOS_EXECUTION_PROVIDER: {exc}") from None
     if args.command == "worker":
-        import asyncio
-
         from idios.workerproc import run_worker
 
         asyncio.run(run_worker(settings))
@@ -78,9 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "api":
         require_distributed(settings)
     factory = embedded_backend if args.command == "serve" else distributed_backend
-    app = create_app(settings, factory)
-    web.run_app(app, host=settings.host, port=settings.port, access_log=None,
-                print=lambda msg: logging.getLogger("idios").info(msg.strip()))
+    asyncio.run(serve_http(create_app(settings, factory), settings))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ class Settings:
     queue_prefix: str = field(default="idios", metadata={"help": "prefix of every RabbitMQ queue Idios declares"})
     prefetch: int = field(default=0, metadata={"help": "AMQP prefetch per worker (0 = 4 x max_batch)"})
     max_attempts: int = field(default=3, metadata={"help": "tries of a job that fails transiently before dead-lettering"})
-    drain_timeout: float = field(default=30.0, metadata={"help": "seconds a stopping worker finishes what it holds"})
+    drain_timeout: float = field(default=30.0, metadata={
+        "help": "seconds a stopping process finishes what it holds: a worker its jobs, the API its requests"})
     health_port: int = field(default=4214, metadata={"help": "worker health endpoint port (0 = off)"})
     milvus_uri: str | None = field(
         default=None, metadata={"help": "Milvus server URI (http://host:19530); unset = Milvus Lite in data_dir"}
