@@ -97,6 +97,7 @@ async def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path, models_
         async with http.post(f"{base}/models/thumb_grid/restore", data=upload(),
                              headers={"Content-Type": "application/json"}) as resp:
             assert resp.status == 204, await resp.text()
+            assert resp.headers.get("Connection", "").lower() == "close"  # the next request goes elsewhere
         assert signalled.is_set()
         with pytest.raises(aiohttp.ClientConnectionError):  # no longer listening
             async with http.get(f"{base}/ping"):

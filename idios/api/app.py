@@ -33,6 +33,7 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
+        self.stopping = False  # answers then say Connection: close, so clients take their next request elsewhere
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -80,6 +81,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = _error(500, {"detail": "Internal server error", "type": "internal_error", "request_id": rid})
     finally:
         in_flight.leave()
+    if in_flight.stopping:
+        response.force_close()
     response.headers["X-Request-ID"] = rid
     elapsed = time.perf_counter() - start
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
@@ -146,6 +149,7 @@ async def serve_http(app: web.Application, settings: Settings) -> None:
         await site.start()
         log.info("listening on http://%s:%d", settings.host, settings.port)
         await stop.wait()
+        app[IN_FLIGHT].stopping = True
         await site.stop()  # no new connections; requests on open ones are still read and answered
         held = app[IN_FLIGHT].count
         log.info("stopping: finishing %d request(s) in flight, at most %.0f s", held, settings.drain_timeout)
