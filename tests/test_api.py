@@ -177,6 +177,31 @@ async def test_restore_replaces_stored_rows_and_the_last_repeat_wins(service: Se
     assert hits[0]["url"] == prefix + "c" and hits[1]["url"] != prefix + "c"
 
 
+async def test_concurrent_restores_of_the_same_urls_never_double_a_row(service: Service, uniq: str) -> None:
+    """Writes run side by side unless they share a url: six bodies over the same 1,500 urls (each body cut into
+    several jobs, one url given twice) leave one row per url, and a url's row comes from one whole body."""
+    prefix = f"http://race.test/{uniq}/"
+    before = await count(service)
+
+    def body(k: int) -> list[dict[str, Any]]:
+        vec = [0] * 192  # integers keep the body under aiohttp's 1 MiB warning
+        vec[k] = 1
+        rows = [{"url": f"{prefix}{i:04d}", "metadata": {"k": k}, "embedding": vec} for i in range(1500)]
+        return [{**rows[7], "metadata": {"k": -1}}, *rows]  # url 7 twice: its last row wins
+
+    answers = await asyncio.gather(*(post(service, "/models/thumb_grid/restore", body(k)) for k in range(6)))
+    assert [status for status, _ in answers] == [204] * 6
+    assert await count(service) == before + 1500
+    rows: list[dict[str, Any]] = []
+    cursor = prefix
+    while page := [r for r in (await post(service, "/models/thumb_grid/dump", {"cursor": cursor, "limit": 500}))[1]
+                   if r["url"].startswith(prefix)]:
+        rows.extend(page)
+        cursor = page[-1]["url"]
+    assert len(rows) == 1500 and len({r["url"] for r in rows}) == 1500
+    assert all(int(np.argmax(r["embedding"])) == r["metadata"]["k"] >= 0 for r in rows)
+
+
 async def test_restore_checks_the_dimension(service: Service) -> None:
     status, body = await post(
         service, "/models/thumb_grid/restore", [{"url": "http://dim.test/a", "metadata": {}, "embedding": [0.1] * 5}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -16,7 +16,7 @@ from idios.embed import TextRuntime, load_text_runtimes
 from idios.metrics import Metrics
 from idios.models import ModelSpec, discover
 from idios.settings import Settings
-from idios.store import CollectionStore
+from idios.store import CollectionStore, KeyClaims
 from idios.worker import JobHandler
 
 
@@ -28,6 +28,8 @@ class Backend:
     bus: JobBus
     metrics: Metrics
     texts: dict[str, TextRuntime]
+    # the urls this API is writing, per model: see routes.run_job
+    writing: dict[str, KeyClaims] = field(default_factory=dict)
 
 
 BACKEND = web.AppKey("backend", Backend)
