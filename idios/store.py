@@ -90,7 +90,7 @@ class KeyClaims:
 
     @asynccontextmanager
     async def claim(self, keys: Iterable[str]) -> AsyncIterator[None]:
-        keys = list(keys)
+        keys = set(keys)
         while busy := {self._held[k] for k in keys if k in self._held}:
             await asyncio.wait(busy)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
