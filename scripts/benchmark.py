@@ -13,6 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +32,7 @@ from idios.embed import OnnxTower, TextEncoder, onnx_threads, providers_for  # n
 from idios.filters import url_in  # noqa: E402
 from idios.models import ModelSpec, discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
-from idios.store import METRIC, create_collection  # noqa: E402
+from idios.store import METRIC, PARALLEL_WRITES, create_collection  # noqa: E402
 
 PHASES = ("ceiling", "ingest", "amqp", "restore", "search", "dump", "floors")
 BULK_ITEMS = 32  # urls per add_bulk request
@@ -167,10 +168,18 @@ def measure_store(path: Path, rows: int, dim: int, n: int, index_type: str) -> F
             return [{"url": f"http://bench.invalid/f/{start + i:09d}", "embedding": v, "metadata": {"i": start + i}}
                     for i, v in enumerate(vecs)]
 
+        # what a restore into an empty collection does: the first half one call at a time, the second half with
+        # as many calls at once as the service makes (Milvus Lite's engine runs concurrent inserts side by side)
+        half = rows // 2
         start = time.perf_counter()
-        for at in range(0, rows, chunk):  # what a restore into an empty collection does
-            client.insert("floor", rows_at(at, min(chunk, rows - at)))
-        insert = rows / (time.perf_counter() - start)
+        for at in range(0, half, chunk):
+            client.insert("floor", rows_at(at, min(chunk, half - at)))
+        insert = half / (time.perf_counter() - start)
+        chunks = [rows_at(at, min(chunk, rows - at)) for at in range(half, rows, chunk)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(PARALLEL_WRITES) as pool:
+            list(pool.map(lambda data: client.insert("floor", data), chunks))
+        insert_parallel = (rows - half) / (time.perf_counter() - start)
         again = min(rows, 5000)
         start = time.perf_counter()
         for at in range(0, again, chunk):  # rows that are stored already
@@ -198,7 +207,8 @@ def measure_store(path: Path, rows: int, dim: int, n: int, index_type: str) -> F
         by_key = read / (time.perf_counter() - start)
     finally:
         client.close()
-    return {"rows": rows, "insert_rows_per_s": insert, "upsert_rows_per_s": upsert,
+    return {"rows": rows, "insert_rows_per_s": insert, "insert_parallel_rows_per_s": insert_parallel,
+            "parallel_writes": PARALLEL_WRITES, "upsert_rows_per_s": upsert,
             "read_by_key_rows_per_s": by_key, "pk_lookup": quantiles_ms(lookups), "search_top10": quantiles_ms(searches)}
 
 
@@ -440,7 +450,7 @@ def add_ratios(fig: Figures) -> None:
     floors = fig.get("floors")
     if floors:
         if "restore" in fig:
-            fig["restore"]["over_bare_insert"] = fig["restore"]["rows_per_s"] / floors["insert_rows_per_s"]
+            fig["restore"]["over_bare_insert"] = fig["restore"]["rows_per_s"] / floors["insert_parallel_rows_per_s"]
         if "dump" in fig:
             fig["dump"]["over_bare_read"] = fig["dump"]["rows_per_s"] / floors["read_by_key_rows_per_s"]
         if "search" in fig:
@@ -499,7 +509,10 @@ def table(fig: Figures) -> str:
             row(f"{phase} ({fig[phase]['rows']:,} rows)", fig[phase]["rows_per_s"], "rows/s")
     floors = fig.get("floors")
     if floors:
-        row(f"bare Milvus Lite insert ({floors['rows']:,} rows)", floors["insert_rows_per_s"], "rows/s")
+        row(f"bare Milvus Lite insert ({floors['rows']:,} rows), one call at a time", floors["insert_rows_per_s"],
+            "rows/s")
+        row(f"bare Milvus Lite insert, {floors['parallel_writes']} calls at a time",
+            floors["insert_parallel_rows_per_s"], "rows/s")
         row("bare Milvus Lite upsert of stored rows", floors["upsert_rows_per_s"], "rows/s")
         row("bare Milvus Lite read by key (500 a query)", floors["read_by_key_rows_per_s"], "rows/s")
         for name in ("pk_lookup", "search_top10"):
