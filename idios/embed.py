@@ -210,8 +210,11 @@ async def load_runtimes(
 async def load_text_runtimes(
     specs: dict[str, ModelSpec], settings: Settings, stack: AsyncExitStack, metrics: Metrics
 ) -> dict[str, TextRuntime]:
-    """Load the text tower of every model that has one (the API's part of the models)."""
-    out = {}
+    """Load the text tower of every model that has one (the API's part of the models), unless text search is off."""
+    out: dict[str, TextRuntime] = {}
+    if not settings.text_search:
+        log.info("text search is off (IDIOS_TEXT_SEARCH): no text tower loaded")
+        return out
     for name, spec in specs.items():
         if spec.has_text:
             out[name] = await stack.enter_async_context(TextRuntime(spec, settings, metrics))

@@ -61,6 +61,9 @@ class Settings:
     malloc_mmap_threshold_kb: int = field(
         default=1024, metadata={"help": "glibc: larger blocks are mapped and returned when freed (0 = glibc default)"}
     )
+    text_search: bool = field(
+        default=True, metadata={"help": "load the models' text towers in the API (off: no text search, less memory)"}
+    )
     onnx_spin: bool = field(
         default=True, metadata={"help": "onnxruntime threads spin while waiting for work (off: less CPU stolen)"}
     )

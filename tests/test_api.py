@@ -455,3 +455,22 @@ async def test_a_collection_made_as_cosine_keeps_working(tmp_path: Path, models_
         assert client.describe_index("idios_thumb_grid", "embedding")["metric_type"] == "COSINE"
     finally:
         client.close()
+
+
+async def test_text_search_can_be_turned_off(tmp_path: Path, models_dir: Path, images: str) -> None:
+    """IDIOS_TEXT_SEARCH=false: no text tower is loaded (an image-only deployment saves its memory); /models
+    says so, the page hides its text form from that, a text search is a 422, and image search still works."""
+    async with running_service(make_settings(tmp_path, models_dir, text_search=False)) as svc:
+        assert svc.backend.texts == {}
+        async with svc.http.get(f"{svc.url}/models") as resp:
+            assert {m["name"]: m["text"] for m in await resp.json()} == {"thumb_grid": False, "thumb_text": False}
+        status, body = await post(svc, "/models/thumb_text/search", {"text": "red"})
+        assert status == 422 and body["detail"][0]["type"] == "text_not_supported"
+        assert "IDIOS_TEXT_SEARCH" in body["detail"][0]["msg"]
+        url = f"{images}/img/textless/a.jpg"
+        assert (await post(svc, "/models/thumb_text/add", {"url": url}))[0] == 204
+        status, hits = await post(svc, "/models/thumb_text/search", {"url": url, "limit": 1})
+        assert status == 200 and hits[0]["url"] == url
+    async with running_service(make_settings(tmp_path / "on", models_dir)) as svc:
+        async with svc.http.get(f"{svc.url}/models") as resp:
+            assert {m["name"]: m["text"] for m in await resp.json()} == {"thumb_grid": False, "thumb_text": True}

@@ -98,8 +98,8 @@ async def ping(request: web.Request) -> web.Response:
 
 @routes.get("/models")
 async def list_models(request: web.Request) -> web.Response:
-    specs = backend(request).specs
-    return json_response([{"name": s.name, "dim": s.dim, "text": s.has_text} for s in specs.values()])
+    be = backend(request)
+    return json_response([{"name": s.name, "dim": s.dim, "text": s.name in be.texts} for s in be.specs.values()])
 
 
 @routes.post("/models/{model}/add")
@@ -238,9 +238,11 @@ async def search(request: web.Request) -> web.Response:
     elif image is not None or req.url:
         vector = await embed(request, spec, req.url, image)
     elif req.text:
-        if not spec.has_text:
-            raise errors.TextNotSupported(f"Model {spec.name} has no text tower; search by image instead")
-        vector = await backend(request).texts[spec.name].embed(req.text)
+        texts = backend(request).texts
+        if spec.name not in texts:
+            why = "has no text tower" if not spec.has_text else "has its text search turned off (IDIOS_TEXT_SEARCH)"
+            raise errors.TextNotSupported(f"Model {spec.name} {why}; search by image instead")
+        vector = await texts[spec.name].embed(req.text)
     else:
         return json_response({"detail": "Either 'text' or 'url' must be provided."}, status=422)
     hits = await store.search(spec.name, vector, req.limit, expr, req.min_similarity)
