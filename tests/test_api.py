@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
-
 import numpy as np
+import orjson
 import pytest
 from pymilvus import MilvusClient
 
+from idios.api.restore_body import INLINE_BYTES
 from idios.bus import LocalBus
 from idios.store import create_collection
 from tests.conftest import Service, make_settings, running_service
@@ -200,6 +202,39 @@ async def test_concurrent_restores_of_the_same_urls_never_double_a_row(service: 
         cursor = page[-1]["url"]
     assert len(rows) == 1500 and len({r["url"] for r in rows}) == 1500
     assert all(int(np.argmax(r["embedding"])) == r["metadata"]["k"] >= 0 for r in rows)
+
+
+async def test_a_large_restore_body_is_parsed_by_the_helper_process(service: Service, uniq: str) -> None:
+    """Bodies over 1 MiB are parsed in a helper process (the event loop stays free meanwhile): same rows stored,
+    same refusals as a body parsed in place."""
+    prefix = f"http://big.test/{uniq}/"
+    rng = np.random.default_rng(5)
+    vecs = rng.standard_normal((1500, 192)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    rows = [{"url": f"{prefix}{i:04d}", "metadata": {"i": i}, "embedding": v.tolist()} for i, v in enumerate(vecs)]
+    body = orjson.dumps(rows)
+    assert len(body) > INLINE_BYTES
+    before = await count(service)
+    status, _ = await post_bytes(service, "/models/thumb_grid/restore", body)
+    assert status == 204
+    assert service.backend.restore_bodies.started, "the helper process was not used"
+    assert await count(service) == before + 1500
+    _, page = await post(service, "/models/thumb_grid/dump", {"cursor": prefix, "limit": 3})
+    assert [r["url"] for r in page] == [f"{prefix}0000", f"{prefix}0001", f"{prefix}0002"]
+    assert np.array_equal(np.float32(page[1]["embedding"]), vecs[1]) and page[1]["metadata"] == {"i": 1}
+
+    rows[1200]["embedding"] = rows[1200]["embedding"][:5]
+    status, refused = await post_bytes(service, "/models/thumb_grid/restore", orjson.dumps(rows))
+    assert status == 422 and refused["detail"][0]["loc"] == ["body", 1200, "embedding"]
+    assert refused["detail"][0]["type"] == "value_error.dimension"
+    status, refused = await post_bytes(service, "/models/thumb_grid/restore", orjson.dumps(rows)[:-2])
+    assert status == 422 and refused["detail"][0]["type"] == "json_invalid"
+
+
+async def post_bytes(svc: Service, path: str, body: bytes) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    async with svc.http.post(svc.url + path, data=io.BytesIO(body), headers=headers) as resp:
+        return resp.status, await resp.json() if resp.content_type == "application/json" else await resp.text()
 
 
 async def test_restore_checks_the_dimension(service: Service) -> None:

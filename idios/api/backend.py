@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from idios.amqp import AmqpBus
+from idios.api.restore_body import RestoreParser
 from idios.bus import JobBus, LocalBus
 from idios.consumer import JobConsumer
 from idios.embed import TextRuntime, load_text_runtimes
@@ -30,6 +31,7 @@ class Backend:
     texts: dict[str, TextRuntime]
     # the urls this API is writing, per model: see routes.run_job
     writing: dict[str, KeyClaims] = field(default_factory=dict)
+    restore_bodies: RestoreParser = field(default_factory=RestoreParser)
 
 
 BACKEND = web.AppKey("backend", Backend)
@@ -51,7 +53,9 @@ async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterato
             bus = await stack.enter_async_context(AmqpBus(settings))
         else:
             bus = LocalBus(handler, settings.max_in_flight, settings.job_timeout)
-        yield Backend(settings, specs, store, bus, metrics, texts)
+        backend = Backend(settings, specs, store, bus, metrics, texts)
+        stack.callback(backend.restore_bodies.close)
+        yield backend
 
 
 def require_distributed(settings: Settings) -> None:
@@ -73,4 +77,6 @@ async def distributed_backend(settings: Settings, metrics: Metrics) -> AsyncIter
         store = await stack.enter_async_context(CollectionStore(settings, specs))
         texts = await load_text_runtimes(specs, settings, stack, metrics)
         bus = await stack.enter_async_context(AmqpBus(settings))
-        yield Backend(settings, specs, store, bus, metrics, texts)
+        backend = Backend(settings, specs, store, bus, metrics, texts)
+        stack.callback(backend.restore_bodies.close)
+        yield backend

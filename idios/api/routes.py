@@ -13,14 +13,13 @@ from aiohttp import web
 from idios import errors
 from idios.api.backend import BACKEND, REQUEST_ID, Backend
 from idios.api.body import read_body
+from idios.api.restore_body import Refused
 from idios.api.schemas import (
     AddRequest,
     CompareRequest,
     DumpRequest,
     PageRequest,
     RemoveRequest,
-    RestoreItem,
-    RestoreRow,
     SearchRequest,
     item_error,
     parse,
@@ -157,62 +156,19 @@ async def add_bulk(request: web.Request) -> web.Response:
     return json_response({"added": added, "found": [u for u in valid if u in found], "failed": failed})
 
 
-UNIT_TOLERANCE = 1e-4  # a float32 unit vector's norm is within ~1e-6 of 1: those are stored bit for bit
-
-
-def embedding_matrix(vectors: list[Any], spec: ModelSpec) -> np.ndarray:
-    """All embeddings of a restore as one float32 matrix of unit rows, checked at once; a 422 names the first bad
-    row. Rows are stored with unit length (the collections compare by inner product, which is then the cosine):
-    rows that are not are scaled to length 1, which leaves their cosine similarities as they were; a row of zeros
-    has no direction and is refused. Dumped rows are unit vectors and come back unchanged."""
-    try:
-        matrix = np.asarray(vectors, dtype=np.float32)
-        if matrix.shape == (len(vectors), spec.dim) and np.isfinite(matrix).all():
-            return unit_rows(matrix)
-    except (ValueError, TypeError):
-        pass
-    for i, vec in enumerate(vectors):  # the slow path, only to say what is wrong where
-        item, reason = item_error(RestoreItem, {"url": "http://x.invalid/", "embedding": vec})
-        if item is None:
-            raise errors.RequestInvalid([{"loc": ["body", i, "embedding"], "msg": str(reason).split(": ", 1)[-1],
-                                          "type": "float_type"}])
-        if len(item.embedding) != spec.dim:
-            raise errors.DimensionMismatch(
-                f"embedding has {len(item.embedding)} values; model {spec.name} stores {spec.dim}",
-                loc=("body", i, "embedding"),
-            )
-        if not np.isfinite(np.asarray(item.embedding)).all():
-            raise errors.FieldError("embedding values must be finite", loc=("body", i, "embedding"))
-    raise errors.FieldError("embeddings could not be read", loc=("body",))
-
-
-def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
-    zero = np.flatnonzero(norms == 0)
-    if zero.size:
-        raise errors.FieldError("an embedding of zeros has no direction to compare",
-                                loc=("body", int(zero[0]), "embedding"))
-    off = np.abs(norms - 1.0) > UNIT_TOLERANCE
-    if off.any():
-        matrix = matrix.copy()
-        matrix[off] = (matrix[off] / norms[off, None]).astype(np.float32)
-    return matrix
-
-
 @routes.post("/models/{model}/restore")
 async def restore(request: web.Request) -> web.Response:
     spec = model_of(request)
-    items = (await read_body(request)).data
-    limit = backend(request).settings.max_bulk_items
-    if not isinstance(items, list) or len(items) > limit:
-        raise errors.RequestInvalid(
-            [{"loc": ["body"], "msg": f"a list of at most {limit} items is required", "type": "list_type"}]
-        )
-    parsed = [parse(RestoreRow, raw, prefix=("body", i)) for i, raw in enumerate(items)]
-    matrix = embedding_matrix([row.embedding for row in parsed], spec)
-    # a url given twice keeps its last row, here, so that the jobs below never share a url and can run at once
-    last = sorted({row.url: i for i, row in enumerate(parsed)}.values())
-    rows = [{"url": parsed[i].url, "metadata": parsed[i].metadata, "embedding": matrix[i]} for i in last]
+    be = backend(request)
+    if request.content_type == "multipart/form-data":
+        raise errors.UnsupportedMediaType("This route takes a JSON body")
+    try:
+        parsed = await be.restore_bodies.parse(await request.read(), spec.name, spec.dim, be.settings.max_bulk_items)
+    except Refused as refused:
+        return json_response(refused.body, status=refused.status)
+    # a url given twice kept its last row, so the jobs below never share a url and can run at once
+    rows = [{"url": url, "metadata": meta, "embedding": vec}
+            for url, meta, vec in zip(parsed.urls, parsed.metadata, parsed.matrix, strict=True)]
     rid = request_id(request)
     await asyncio.gather(*(
         run_job(request, ImageJob(JobKind.RESTORE, spec.name, rows=rows[i : i + RESTORE_JOB_ROWS], request_id=rid))
