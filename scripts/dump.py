@@ -31,9 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="folder for the page files (created if missing)")
     add_service_args(p)
-    p.add_argument("--page-size", type=int, default=500,
-                   help="rows per request and per file, at most 16384 (default: %(default)s; with Milvus Lite "
-                        "larger pages are slower per row, see the README)")
+    p.add_argument("--page-size", type=int, default=2000,
+                   help="rows per request and per file, at most 16384 (default: %(default)s; see the README)")
     args = p.parse_args(argv)
     if not 1 <= args.page_size <= 16384:
         p.error("--page-size must be between 1 and 16384")
