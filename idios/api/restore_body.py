@@ -38,7 +38,8 @@ def parse_restore(raw: bytes, model: str, dim: int, limit: int) -> RestoreRows:
     try:
         items = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise errors.RequestInvalid([{"loc": ["body"], "msg": f"Invalid JSON: {exc}", "type": "json_invalid"}]) from None
+        msg = f"Invalid JSON: {exc}"
+        raise errors.RequestInvalid([{"loc": ["body"], "msg": msg, "type": "json_invalid"}]) from None
     if not isinstance(items, list) or len(items) > limit:
         raise errors.RequestInvalid(
             [{"loc": ["body"], "msg": f"a list of at most {limit} items is required", "type": "list_type"}]
