@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from idios.store import KeyClaims
+import numpy as np
+
+from idios.models import discover
+from idios.settings import Settings
+from idios.store import CollectionStore, KeyClaims, Row
+from tests.distributed import milvus_server
 
 
 async def test_writes_sharing_a_key_wait_and_the_others_do_not() -> None:
@@ -32,3 +38,21 @@ async def test_writes_sharing_a_key_wait_and_the_others_do_not() -> None:
         pass
     async with claims.claim(["x"]):
         pass
+
+
+async def test_one_process_never_upserts_one_url_twice_at_once(tmp_path: Path, models_dir: Path) -> None:
+    """Against a Milvus server (every write an upsert), concurrent writes of the same urls from one process leave
+    one row per url: concurrent upserts of one primary key can otherwise keep both rows."""
+    with milvus_server(tmp_path / "milvus") as uri:
+        settings = Settings(data_dir=tmp_path, models_dir=models_dir, milvus_uri=uri)
+        specs = discover(models_dir)
+        async with CollectionStore(settings, specs) as store:
+            assert not store._sole_writer
+            rng = np.random.default_rng(3)
+
+            def rows(k: int) -> list[Row]:
+                vecs = rng.standard_normal((300, 192)).astype(np.float32)
+                return [Row(f"http://same.test/{i:03d}", v / np.linalg.norm(v), {"k": k}) for i, v in enumerate(vecs)]
+
+            await asyncio.gather(*(store.upsert("thumb_grid", rows(k)) for k in range(6)))
+            assert await store.count("thumb_grid") == 300
