@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.web_request import FileField
 
 from idios import errors
+from idios.api.schemas import decode_json
 
 JSON_FIELDS = {"metadata", "filter"}
 FILE_FIELDS = {"image", "other_image"}
@@ -21,23 +22,18 @@ class Body:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-def invalid_json(msg: str) -> errors.RequestInvalid:
-    return errors.RequestInvalid([{"loc": ["body"], "msg": msg, "type": "json_invalid"}])
-
-
 async def read_body(request: web.Request, allow_files: bool = False) -> Body:
     """The decoded body. Uploaded files are only accepted on routes that take an image."""
-    if request.content_type == "multipart/form-data":
-        if not allow_files:
-            raise errors.UnsupportedMediaType("This route takes a JSON body")
+    if allow_files and request.content_type == "multipart/form-data":
         return await _read_form(request)
-    raw = await request.read()
-    if not raw.strip():
-        raise invalid_json("A JSON body is required")
-    try:
-        return Body(orjson.loads(raw))
-    except orjson.JSONDecodeError as exc:
-        raise invalid_json(f"Invalid JSON: {exc}") from None
+    return Body(decode_json(await read_json_bytes(request)))
+
+
+async def read_json_bytes(request: web.Request) -> bytes:
+    """The raw body of a route that takes JSON only (a form with files is refused), not decoded yet."""
+    if request.content_type == "multipart/form-data":
+        raise errors.UnsupportedMediaType("This route takes a JSON body")
+    return await request.read()
 
 
 async def _read_form(request: web.Request) -> Body:

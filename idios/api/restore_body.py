@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
 from idios import errors
-from idios.api.schemas import RestoreItem, RestoreRow, item_error, parse
+from idios.api.schemas import RestoreItem, RestoreRow, decode_json, item_error, parse
 
 INLINE_BYTES = 1 << 20  # smaller bodies are parsed in place: a trip to the helper would cost more than it saves
 UNIT_TOLERANCE = 1e-4  # a float32 unit vector's norm is within ~1e-6 of 1: those are stored bit for bit
@@ -33,13 +32,7 @@ class RestoreRows:
 
 def parse_restore(raw: bytes, model: str, dim: int, limit: int) -> RestoreRows:
     """Check a restore body; raise the 4xx that names the first problem. A url given twice keeps its last row."""
-    if not raw.strip():
-        raise errors.RequestInvalid([{"loc": ["body"], "msg": "A JSON body is required", "type": "json_invalid"}])
-    try:
-        items = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        msg = f"Invalid JSON: {exc}"
-        raise errors.RequestInvalid([{"loc": ["body"], "msg": msg, "type": "json_invalid"}]) from None
+    items = decode_json(raw)
     if not isinstance(items, list) or len(items) > limit:
         raise errors.RequestInvalid(
             [{"loc": ["body"], "msg": f"a list of at most {limit} items is required", "type": "list_type"}]

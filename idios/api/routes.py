@@ -12,7 +12,7 @@ from aiohttp import web
 
 from idios import errors
 from idios.api.backend import BACKEND, REQUEST_ID, Backend
-from idios.api.body import read_body
+from idios.api.body import read_body, read_json_bytes
 from idios.api.restore_body import Refused
 from idios.api.schemas import (
     AddRequest,
@@ -160,10 +160,9 @@ async def add_bulk(request: web.Request) -> web.Response:
 async def restore(request: web.Request) -> web.Response:
     spec = model_of(request)
     be = backend(request)
-    if request.content_type == "multipart/form-data":
-        raise errors.UnsupportedMediaType("This route takes a JSON body")
+    raw = await read_json_bytes(request)
     try:
-        parsed = await be.restore_bodies.parse(await request.read(), spec.name, spec.dim, be.settings.max_bulk_items)
+        parsed = await be.restore_bodies.parse(raw, spec.name, spec.dim, be.settings.max_bulk_items)
     except Refused as refused:
         return json_response(refused.body, status=refused.status)
     # a url given twice kept its last row, so the jobs below never share a url and can run at once

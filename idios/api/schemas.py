@@ -109,6 +109,20 @@ def fastapi_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ("body"
     return [{"loc": [*prefix, *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
 
+def invalid_json(msg: str) -> errors.RequestInvalid:
+    return errors.RequestInvalid([{"loc": ["body"], "msg": msg, "type": "json_invalid"}])
+
+
+def decode_json(raw: bytes) -> Any:
+    """A JSON request body, decoded; an empty or malformed one is a 422 `json_invalid`."""
+    if not raw.strip():
+        raise invalid_json("A JSON body is required")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_json(f"Invalid JSON: {exc}") from None
+
+
 def parse(model: type[B], data: Any, prefix: tuple[str | int, ...] = ("body",)) -> B:
     """Validate `data` as `model`, or raise a 422 listing every problem."""
     try:
