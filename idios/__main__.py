@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import orjson
 from idios.api.app import create_app, serve_http
 from idios.api.backend import distributed_backend, embedded_backend, require_distributed
-from idios.embed import providers_for
+from idios.engines import check_names
+from idios.engines.onnxruntime import providers_for
 from idios.memory import fix_mmap_threshold
 from idios.settings import Settings, add_arguments, from_args
 
@@ -32,7 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="a worker of the distributed deployment (needs IDIOS_AMQP_URL, IDIOS_MILVUS_URI)"
     )
     add_arguments(worker)
+    fidelity = commands.add_parser(
+        "fidelity", help="measure how bf16 moves a model's embeddings from fp32 and record it in its manifest",
+        description="Runs the model in OpenVINO fp32 and bf16 on real photos (and its text tower on sample queries) "
+                    "and writes the cosines into manifest.json: IDIOS_PRECISION=auto runs bf16 only where the "
+                    "least cosine is at least 0.999.",
+    )
+    fidelity.add_argument("model_dir", type=Path, help="a model folder (with manifest.json)")
+    fidelity.add_argument("--images", type=Path, required=True,
+                          help="a folder of real photos, at least 8, like the ones the model will see")
     return parser
+
+
+def run_fidelity(model_dir: Path, images: Path) -> int:
+    """`python -m idios fidelity`: measure, record, print the result as one JSON line."""
+    from idios.engines.fidelity import photos_in, record
+
+    try:
+        result = record(model_dir, photos_in(images))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(orjson.dumps({"model": model_dir.name, "bf16": result}).decode())
+    return 0
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,13 +84,19 @@ def configure_logging(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "fidelity":
+        raise SystemExit(run_fidelity(args.model_dir, args.images))
     settings = from_args(args)
     configure_logging(settings)
     fix_mmap_threshold(settings.malloc_mmap_threshold_kb)  # before any model is loaded
     try:
-        providers_for(settings)  # resolved once, here: a bad name stops start-up, a missing one is warned about
+        providers_for(settings.execution_provider)  # a bad name stops start-up, a missing one is warned about
     except ValueError as exc:
         raise SystemExit(f"IDIOS_EXECUTION_PROVIDER: {exc}") from None
+    try:
+        check_names(settings.engine, settings.precision)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if args.command == "worker":
         from idios.workerproc import run_worker
 

@@ -1,9 +1,9 @@
-"""The embed actor: onnxruntime sessions per model, fed by a micro-batcher, run off the event loop."""
+"""The embed actor: each model's towers (on the engine `idios.engines` picks), fed by a micro-batcher, run off the
+event loop."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -11,90 +11,15 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from idios.batcher import MicroBatcher
+from idios.engines import Machine, Tower, TowerWeights, detect_machine, open_tower, plan
 from idios.metrics import Metrics
 from idios.models import ModelSpec, TextTower
 from idios.settings import Settings
 from idios.textclean import CLEANERS
 
 log = logging.getLogger(__name__)
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-
-
-PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "dml": "DmlExecutionProvider",
-}
-
-
-@functools.lru_cache(maxsize=8)
-def _providers_for(setting: str) -> tuple[str, ...]:
-    return tuple(resolve_providers(setting, ort.get_available_providers()))
-
-
-def providers_for(settings: Settings) -> list[str]:
-    """The providers for this service's sessions (resolved, and warned about, once)."""
-    return list(_providers_for(settings.execution_provider))
-
-
-def resolve_providers(setting: str, available: list[str]) -> list[str]:
-    """`IDIOS_EXECUTION_PROVIDER` → the onnxruntime providers to ask for, CPU last.
-
-    A provider this onnxruntime build lacks (say `cuda` with the plain `onnxruntime` package rather than
-    `onnxruntime-gpu`) is dropped with a warning, so the service still starts, on the CPU. A name that is no
-    provider at all is a configuration error."""
-    known = set(PROVIDER_NAMES.values()) | set(available)
-    chosen: list[str] = []
-    for raw in (part.strip() for part in setting.split(",")):
-        if not raw:
-            continue
-        name = PROVIDER_NAMES.get(raw.lower(), raw)
-        if name not in known and not name.endswith("ExecutionProvider"):
-            raise ValueError(f"unknown execution provider {raw!r}: use one of {', '.join(PROVIDER_NAMES)} "
-                             "or a full onnxruntime provider name")
-        if name not in available:
-            log.warning("execution provider %s is not available in this onnxruntime (available: %s); "
-                        "falling back to the next one, CPU at the latest", name, ", ".join(available))
-        elif name not in chosen:
-            chosen.append(name)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
-
-
-class OnnxTower:
-    """One onnxruntime session: first input in, first output out, batch dimension dynamic."""
-
-    def __init__(self, path: Path, threads: int, providers: list[str] | None = None, spin: bool = True) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        if not spin:  # idle pool threads sleep at once instead of spinning (measured: ~15% slower ingest here)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = providers or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        wanted = providers[0]
-        if self.session.get_providers()[0] != wanted:  # e.g. CUDA present but no usable GPU/driver
-            log.warning("%s: asked for %s, running on %s", path.name, wanted, self.session.get_providers()[0])
-        self.input = self.session.get_inputs()[0].name
-        self.output = self.session.get_outputs()[0].name
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run([self.output], {self.input: batch})
-        return l2_normalise(np.asarray(out, dtype=np.float32))
 
 
 class TextEncoder:
@@ -104,14 +29,13 @@ class TextEncoder:
     A tower exported with a dynamic sequence length (scripts/export_clip.py `TrimmedTextTower`) gets the batch
     padded to its longest text only: a short query costs a few tokens of compute instead of the whole context."""
 
-    def __init__(self, tower: TextTower, threads: int, providers: list[str] | None = None) -> None:
+    def __init__(self, tower: TextTower, model: Tower) -> None:
         from tokenizers import Tokenizer
 
         self.context_length = tower.context_length
         self.clean = CLEANERS[tower.clean]
-        self.tower = OnnxTower(tower.file, threads, providers)
-        shape = self.tower.session.get_inputs()[0].shape
-        self.trimmed = len(shape) == 2 and not isinstance(shape[1], int)
+        self.tower = model
+        self.trimmed = model.dynamic_length
         self.tokenizer = Tokenizer.from_file(str(tower.tokenizer))
         self.tokenizer.enable_truncation(max_length=tower.context_length)
         if self.trimmed:
@@ -130,9 +54,10 @@ class TextEncoder:
 class ModelRuntime:
     """A loaded model's visual tower and the batcher that groups images from many jobs into one run."""
 
-    def __init__(self, spec: ModelSpec, settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, executor: ThreadPoolExecutor, metrics: Metrics,
+                 machine: Machine) -> None:
         self.spec = spec
-        self.visual = OnnxTower(spec.visual, onnx_threads(settings), providers_for(settings), spin=settings.onnx_spin)
+        self.visual = load_tower(spec, "visual", settings, machine, metrics)
         self._executor = executor
         self.preparing = 0  # images of this model still being fetched or decoded: the batcher waits for them
         self.images: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
@@ -163,10 +88,10 @@ class TextRuntime:
 
     MAX_BATCH = 32
 
-    def __init__(self, spec: ModelSpec, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, metrics: Metrics, machine: Machine) -> None:
         assert spec.text is not None
         self.spec = spec
-        self.encoder = TextEncoder(spec.text, onnx_threads(settings), providers_for(settings))
+        self.encoder = TextEncoder(spec.text, load_tower(spec, "text", settings, machine, metrics))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"idios-text-{spec.name}")
         self.texts: MicroBatcher[str, np.ndarray] = MicroBatcher(
             f"text-{spec.name}", self._run, self.MAX_BATCH, settings.max_wait_ms / 1000,
@@ -188,8 +113,20 @@ class TextRuntime:
         return await self.texts.submit(text)
 
 
-def onnx_threads(settings: Settings) -> int:
+def model_threads(settings: Settings) -> int:
     return settings.onnx_threads or os.cpu_count() or 1
+
+
+def load_tower(spec: ModelSpec, kind: str, settings: Settings, machine: Machine, metrics: Metrics) -> Tower:
+    """Open one tower on the engine and precision `plan()` picks, and say which and why."""
+    weights = spec.tower_weights(kind)
+    chosen = plan(weights, settings.engine, settings.precision, machine)
+    if chosen.warning:
+        log.warning("%s %s tower: %s", spec.name, kind, chosen.warning)
+    tower = open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin)
+    log.info("%s %s tower on %s %s (%s)", spec.name, kind, tower.engine, tower.precision, chosen.reason)
+    metrics.engine.labels(spec.name, kind, tower.engine, tower.precision, tower.device).set(1)
+    return tower
 
 
 async def load_runtimes(
@@ -201,8 +138,9 @@ async def load_runtimes(
 ) -> dict[str, ModelRuntime]:
     """Load every model's visual tower and start its batcher; the stack closes them."""
     runtimes = {}
+    machine = detect_machine(settings.execution_provider)
     for name, spec in specs.items():
-        runtimes[name] = await stack.enter_async_context(ModelRuntime(spec, settings, executor, metrics))
+        runtimes[name] = await stack.enter_async_context(ModelRuntime(spec, settings, executor, metrics, machine))
         log.info("model %s loaded (dim %d)", name, spec.dim)
     return runtimes
 
@@ -215,8 +153,9 @@ async def load_text_runtimes(
     if not settings.text_search:
         log.info("text search is off (IDIOS_TEXT_SEARCH): no text tower loaded")
         return out
+    machine = detect_machine(settings.execution_provider)
     for name, spec in specs.items():
         if spec.has_text:
-            out[name] = await stack.enter_async_context(TextRuntime(spec, settings, metrics))
+            out[name] = await stack.enter_async_context(TextRuntime(spec, settings, metrics, machine))
             log.info("text tower of %s loaded", name)
     return out

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from idios.engines import TowerWeights
 from idios.textclean import CLEANERS
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,24 @@ class ModelSpec:
     def has_text(self) -> bool:
         return self.text is not None
 
+    def tower_weights(self, kind: str) -> TowerWeights:
+        """What the manifest says of the `visual` or `text` tower's file: weights, engine, bf16 fidelity."""
+        path = self.visual if kind == "visual" else self.text.file if self.text else None
+        if path is None:
+            raise ValueError(f"model {self.name} has no {kind} tower")
+        return TowerWeights(path, self.precision, self.raw.get("engine"), self.bf16_min_cosine(kind))
+
+    @property
+    def precision(self) -> str:
+        """The weights as exported: `fp32`, or `int8` for a quantised copy."""
+        return str(self.raw.get("precision", "fp32"))
+
+    def bf16_min_cosine(self, kind: str) -> float | None:
+        """The least bf16-vs-fp32 cosine measured for a tower (manifest `fidelity.bf16.KIND.min_cosine`)."""
+        entry = ((self.raw.get("fidelity") or {}).get("bf16") or {}).get(kind) or {}
+        value = entry.get("min_cosine")
+        return float(value) if isinstance(value, (int, float)) else None
+
 
 def load_manifest(folder: Path) -> ModelSpec:
     """Parse and check one model folder's manifest."""
@@ -71,6 +90,8 @@ def load_manifest(folder: Path) -> ModelSpec:
     resize = str(raw.get("resize", "shortest"))
     if resize not in ("shortest", "squash"):
         raise ValueError(f"{folder}: resize must be 'shortest' or 'squash'")
+    if str(raw.get("precision", "fp32")) not in ("fp32", "int8"):
+        raise ValueError(f"{folder}: precision must be 'fp32' or 'int8'")
     mean, std = tuple(float(x) for x in raw["mean"]), tuple(float(x) for x in raw["std"])
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"{folder}: mean and std need 3 values")

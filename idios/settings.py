@@ -52,7 +52,12 @@ class Settings:
     max_image_pixels: int = field(default=100_000_000, metadata={"help": "largest declared image area"})
     min_image_side: int = field(default=150, metadata={"help": "smallest accepted image side, pixels"})
     decode_threads: int = field(default=2, metadata={"help": "threads decoding images"})
-    onnx_threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads (0 = all cores)"})
+    engine: str = field(default="auto", metadata={
+        "help": "inference engine: auto (OpenVINO on the CPU, onnxruntime for GPU providers and onnxruntime int8 "
+                "models), onnxruntime, openvino"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 where the CPU has it and the model's measured fidelity holds), fp32, bf16, int8"})
+    onnx_threads: int = field(default=0, metadata={"help": "threads of one model run, either engine (0 = all cores)"})
     execution_provider: str = field(
         default="cpu",
         metadata={"help": "onnxruntime execution providers in order of preference, comma-separated: cpu, cuda, "

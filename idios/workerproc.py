@@ -32,7 +32,8 @@ def health_app(consumer: JobConsumer, handler: JobHandler, store: CollectionStor
             milvus = False
         body = {"status": "ok" if consumer.connected and milvus else "degraded", "broker": consumer.connected,
                 "milvus": milvus, "handled": consumer.handled,
-                "embed": {name: {"batches": rt.images.batches, "images": rt.images.items}
+                "embed": {name: {"batches": rt.images.batches, "images": rt.images.items,
+                                 "engine": rt.visual.engine, "precision": rt.visual.precision}
                           for name, rt in handler.runtimes.items()}}
         return web.Response(body=orjson.dumps(body), status=200 if body["status"] == "ok" else 503,
                             content_type="application/json")

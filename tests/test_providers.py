@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from idios.embed import resolve_providers
+from idios.engines.onnxruntime import resolve_providers
 from idios.settings import Settings
 from tests.conftest import ROOT, running_service
 
@@ -28,7 +28,7 @@ def test_short_names_in_order_cpu_last() -> None:
 
 
 def test_a_missing_gpu_provider_falls_back_to_the_cpu_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="idios.embed"):
+    with caplog.at_level(logging.WARNING, logger="idios.engines.onnxruntime"):
         assert resolve_providers("cuda", [CPU]) == [CPU]
     assert "CUDAExecutionProvider is not available" in caplog.text
 

@@ -14,6 +14,7 @@ from idios.api.restore_body import RestoreParser
 from idios.bus import JobBus, LocalBus
 from idios.consumer import JobConsumer
 from idios.embed import TextRuntime, load_text_runtimes
+from idios.engines import Tower
 from idios.metrics import Metrics
 from idios.models import ModelSpec, discover
 from idios.settings import Settings
@@ -32,6 +33,8 @@ class Backend:
     # the urls this API is writing, per model: see routes.run_job
     writing: dict[str, KeyClaims] = field(default_factory=dict)
     restore_bodies: RestoreParser = field(default_factory=RestoreParser)
+    # the visual towers this process runs itself (embedded); empty in the distributed API, whose workers run them
+    visual: dict[str, Tower] = field(default_factory=dict)
 
 
 BACKEND = web.AppKey("backend", Backend)
@@ -53,7 +56,8 @@ async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterato
             bus = await stack.enter_async_context(AmqpBus(settings))
         else:
             bus = LocalBus(handler, settings.max_in_flight, settings.job_timeout)
-        backend = Backend(settings, specs, store, bus, metrics, texts)
+        visual = {name: runtime.visual for name, runtime in handler.runtimes.items()}
+        backend = Backend(settings, specs, store, bus, metrics, texts, visual=visual)
         stack.callback(backend.restore_bodies.close)
         yield backend
 

@@ -24,6 +24,7 @@ from idios.api.schemas import (
     item_error,
     parse,
 )
+from idios.engines import Tower
 from idios.filters import metadata_filter
 from idios.messages import ImageJob, JobKind, JobResult
 from idios.models import ModelSpec
@@ -98,7 +99,17 @@ async def ping(request: web.Request) -> web.Response:
 @routes.get("/models")
 async def list_models(request: web.Request) -> web.Response:
     be = backend(request)
-    return json_response([{"name": s.name, "dim": s.dim, "text": s.name in be.texts} for s in be.specs.values()])
+    return json_response([
+        {"name": s.name, "dim": s.dim, "text": s.name in be.texts,
+         "engines": {"visual": engine_of(be.visual.get(s.name)),
+                     "text": engine_of(be.texts[s.name].encoder.tower if s.name in be.texts else None)}}
+        for s in be.specs.values()
+    ])
+
+
+def engine_of(tower: Tower | None) -> dict[str, str] | None:
+    """What runs a tower in this process; None for one it does not run (a visual tower in the distributed API)."""
+    return None if tower is None else {"engine": tower.engine, "precision": tower.precision, "device": tower.device}
 
 
 @routes.post("/models/{model}/add")
