@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_deploy as deploy  # noqa: E402
 from idios.decode import DecodeLimits, preprocess  # noqa: E402
-from idios.embed import OnnxTower, TextEncoder, onnx_threads, providers_for  # noqa: E402
+from idios.embed import TextEncoder, model_threads  # noqa: E402
+from idios.engines import EnginePlan, Tower, detect_machine, open_tower, plan  # noqa: E402
 from idios.filters import url_in  # noqa: E402
 from idios.models import ModelSpec, discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="concurrent add clients")
     p.add_argument("--searches", type=int, default=60, help="requests per search kind")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds the bare-model ceiling is measured for")
+    p.add_argument("--compare", default="", help="comma-separated other models (int8 copies, say) whose bare "
+                   "ceilings are measured in the same interleaved rounds")
     p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {', '.join(PHASES)}")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -65,16 +68,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.settings[name] = value
     args.service = Settings.from_env({f"IDIOS_{k.upper()}": v for k, v in args.settings.items()})
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.compare = [c.strip() for c in args.compare.split(",") if c.strip()]
     if args.skip - set(PHASES):
         p.error(f"unknown phase in --skip: {', '.join(sorted(args.skip - set(PHASES)))}")
     return args
 
 
-def pick_model(args: argparse.Namespace) -> ModelSpec:
+def pick_model(args: argparse.Namespace, name: str | None = None) -> ModelSpec:
     specs = discover(args.models_dir)
     if not specs:
         raise SystemExit(f"no model under {args.models_dir}")
-    name = args.model or next(iter(specs))
+    name = name or args.model or next(iter(specs))
     if name not in specs:
         raise SystemExit(f"model {name!r} not found (models: {', '.join(specs)})")
     return specs[name]
@@ -100,27 +104,90 @@ def quantiles_ms(samples: list[float]) -> Figures:
 
 # ---- the bare model ---------------------------------------------------------------------------------------------
 
-def measure_ceiling(spec: ModelSpec, settings: Settings, seconds: float) -> Figures:
-    """Bare onnxruntime throughput at the service's batch size, and batch-1 latency, same threads as the service."""
+def bare_tower(spec: ModelSpec, settings: Settings, kind: str = "visual", runs: tuple[str, str] | None = None
+               ) -> tuple[Tower, EnginePlan]:
+    """A tower as the service would open it (`runs` None), or on the given (engine, precision)."""
+    machine = detect_machine(settings.execution_provider)
+    weights = spec.tower_weights(kind)
+    engine, precision = runs or (settings.engine, settings.precision)
+    chosen = plan(weights, engine, precision, machine)
+    return open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin), chosen
+
+
+Variant = tuple[ModelSpec, tuple[str, str]]
+
+
+def engine_variants(spec: ModelSpec, settings: Settings, others: tuple[ModelSpec, ...] = ()) -> dict[str, Variant]:
+    """What the bare-model ceilings compare: the service's choice first, then every engine/precision that runs
+    this model, then the same for `others` (say its int8 copies)."""
+    _, service = bare_tower(spec, settings)
+    out: dict[str, Variant] = {"service": (spec, service.runs)}
+    machine = detect_machine(settings.execution_provider)
+    for model in [spec, *others]:
+        if model.precision == "int8":
+            runs = [(model.raw.get("engine") or "onnxruntime", "int8")]
+        else:
+            runs = [("onnxruntime", "fp32")]
+            if machine.openvino is not None:
+                runs += [("openvino", "fp32")] + ([("openvino", "bf16")] if machine.bf16 else [])
+        for r in runs:
+            if (model, r) != (spec, service.runs):
+                out[f"{model.name} {' '.join(r)}" if model is not spec else " ".join(r)] = (model, r)
+    return out
+
+
+def measure_ceilings(settings: Settings, seconds: float, variants: dict[str, Variant]) -> dict[str, Figures]:
+    """Bare throughput at the service's batch size, CPU per image and batch-1 latency of each engine/precision,
+    same threads as the service, measured in interleaved rounds so that a change of load hits all alike."""
     batch = settings.max_batch
-    tower = OnnxTower(spec.visual, onnx_threads(settings), providers_for(settings), spin=settings.onnx_spin)
+    towers = {name: bare_tower(model, settings, runs=runs)[0] for name, (model, runs) in variants.items()}
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 3, spec.image_size, spec.image_size)).astype(np.float32)
-    tower.run(x)  # warm-up: the first run allocates
-    runs, start, cpu = 0, time.perf_counter(), time.process_time()
-    while runs < 2 or time.perf_counter() - start < seconds:
-        tower.run(x)
-        runs += 1
-    ips = runs * batch / (time.perf_counter() - start)
-    cpu_ms = 1000 * (time.process_time() - cpu) / (runs * batch)
-    single = []
-    one = x[:1]
-    for _ in range(max(5, min(40, int(seconds * 2)))):
-        t = time.perf_counter()
-        tower.run(one)
-        single.append(time.perf_counter() - t)
-    return {"batch": batch, "images_per_s": ips, "single_image_ms": 1000 * statistics.median(single),
-            "cpu_ms_per_image": cpu_ms}
+    size = next(iter(variants.values()))[0].image_size
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    done = {name: [0, 0.0, 0.0] for name in towers}  # runs, wall, cpu
+    single: dict[str, list[float]] = {name: [] for name in towers}
+    for tower in towers.values():
+        tower.run(x), tower.run(x[:1])  # warm-up: the first run of a shape allocates (and compiles)
+    rounds = 4
+    for _ in range(rounds):
+        for name, tower in towers.items():
+            runs, start, cpu = 0, time.perf_counter(), time.process_time()
+            while runs < 1 or time.perf_counter() - start < seconds / rounds / len(towers):
+                tower.run(x)
+                runs += 1
+            acc = done[name]
+            acc[0] += runs
+            acc[1] += time.perf_counter() - start
+            acc[2] += time.process_time() - cpu
+            for _ in range(max(3, min(10, int(seconds)))):
+                t = time.perf_counter()
+                tower.run(x[:1])
+                single[name].append(time.perf_counter() - t)
+    return {name: {"model": variants[name][0].name, "engine": variants[name][1][0],
+                   "precision": variants[name][1][1], "batch": batch,
+                   "images_per_s": acc[0] * batch / acc[1], "cpu_ms_per_image": 1000 * acc[2] / (acc[0] * batch),
+                   "single_image_ms": 1000 * statistics.median(single[name])}
+            for name, acc in done.items()}
+
+
+def measure_ceiling(spec: ModelSpec, settings: Settings, seconds: float) -> Figures:
+    """The service's engine beside bare onnxruntime fp32 (today's baseline), interleaved."""
+    variants = engine_variants(spec, settings)
+    keep = {k: v for k, v in variants.items() if k == "service" or v == (spec, ("onnxruntime", "fp32"))}
+    out = measure_ceilings(settings, seconds, keep)
+    baseline = out.get("onnxruntime fp32", out["service"])
+    return out["service"] | {"onnxruntime_fp32_images_per_s": baseline["images_per_s"]}
+
+
+def measure_decode_cpu(spec: ModelSpec, pool: list[bytes]) -> float:
+    """CPU milliseconds per image of decode + preprocess (one thread), for the CPU split of ingest."""
+    defaults = Settings()
+    limits = DecodeLimits(defaults.min_image_side, defaults.max_image_pixels)
+    sample = pool[:32]
+    cpu = time.thread_time()
+    for data in sample:
+        preprocess(data, spec, limits)
+    return 1000 * (time.thread_time() - cpu) / len(sample)
 
 
 def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
@@ -138,14 +205,15 @@ def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
 def measure_text(spec: ModelSpec, settings: Settings, n: int) -> Figures:
     """The bare text tower (tokenizer + ONNX, one short text at a time), same threads as the service."""
     assert spec.text is not None
-    encoder = TextEncoder(spec.text, onnx_threads(settings), providers_for(settings))
+    tower, _ = bare_tower(spec, settings, "text")
+    encoder = TextEncoder(spec.text, tower)
     encoder.run(["warm up"])
     samples = []
     for i in range(n):
         t = time.perf_counter()
         encoder.run([f"a photo of thing {i}"])
         samples.append(time.perf_counter() - t)
-    return quantiles_ms(samples) | {"trimmed": encoder.trimmed}
+    return quantiles_ms(samples) | {"trimmed": encoder.trimmed, "engine": tower.engine, "precision": tower.precision}
 
 
 # ---- the bare vector store --------------------------------------------------------------------------------------
@@ -379,8 +447,13 @@ async def ingest_against_ceiling(args: argparse.Namespace, spec: ModelSpec, svc:
     # server and clients). If ingest keeps them busy, its rate over the bare model's cannot exceed the model's CPU
     # per image over all the CPU spent per image.
     all_cpu = out["service_cpu_ms_per_image"] + out["harness_cpu_ms_per_image"]
-    return out | {"ceiling_images_per_s": ceiling["images_per_s"], "model_cpu_ms_per_image": ceiling["cpu_ms_per_image"],
-                  "cpu_bound_on_ratio": ceiling["cpu_ms_per_image"] / all_cpu}
+    model, decode = ceiling["cpu_ms_per_image"], args.decode_cpu_ms
+    return out | {"ceiling_images_per_s": ceiling["images_per_s"], "model_cpu_ms_per_image": model,
+                  "engine": f"{ceiling['engine']} {ceiling['precision']}",
+                  "onnxruntime_fp32_ceiling_images_per_s": ceiling["onnxruntime_fp32_images_per_s"],
+                  "decode_cpu_ms_per_image": decode,
+                  "rest_cpu_ms_per_image": out["service_cpu_ms_per_image"] - model - decode,
+                  "cpu_bound_on_ratio": model / all_cpu}
 
 
 async def embedded_phases(args: argparse.Namespace, spec: ModelSpec, models: Path, tmp: Path, images: str,
@@ -412,10 +485,13 @@ async def run(args: argparse.Namespace) -> Figures:
     batch = args.service.max_batch
     fig: Figures = {"meta": meta(args, spec, batch), "ingest": {}, "rss_mb": {}}
     if "ceiling" not in args.skip:
-        note(f"ceiling: {spec.name}, batch {batch}")
-        fig["ceiling"] = measure_ceiling(spec, args.service, args.seconds)
+        variants = engine_variants(spec, args.service, tuple(pick_model(args, name) for name in args.compare))
+        note(f"ceilings, batch {batch}: {', '.join(variants)}")
+        fig["engines"] = measure_ceilings(args.service, 2 * args.seconds, variants)
+        fig["ceiling"] = fig["engines"]["service"]
     pool = deploy.jpeg_pool(min(max(args.images, args.searches + 1), 256))
     fig["decode_ms_per_image"] = measure_decode(spec, pool)
+    args.decode_cpu_ms = measure_decode_cpu(spec, pool)
     with tempfile.TemporaryDirectory(prefix="idios-bench-") as name:
         tmp = Path(name)
         models = only_model(spec, tmp)
@@ -444,10 +520,21 @@ def meta(args: argparse.Namespace, spec: ModelSpec, batch: int) -> Figures:
 def add_ratios(fig: Figures) -> None:
     for figures in fig["ingest"].values():
         figures["ratio_to_ceiling"] = figures["images_per_s"] / figures["ceiling_images_per_s"]
+        figures["over_onnxruntime_fp32_ceiling"] = (figures["images_per_s"]
+                                                    / figures["onnxruntime_fp32_ceiling_images_per_s"])
+    engines = fig.get("engines", {})
+    base = next((f for f in engines.values() if (f["model"], f["engine"], f["precision"]) == (
+        fig["meta"]["model"], "onnxruntime", "fp32")), None)
+    for f in engines.values():
+        if base:
+            f["over_onnxruntime_fp32"] = f["images_per_s"] / base["images_per_s"]
+    floors = fig.get("floors")
     if "search" in fig and "ceiling" in fig:
         single = fig["ceiling"]["single_image_ms"]
         fig["search"]["image_url_p50_over_single_image"] = fig["search"]["image_url"]["p50_ms"] / single
-    floors = fig.get("floors")
+        if floors:
+            fig["search"]["image_url_p50_over_model_and_search"] = fig["search"]["image_url"]["p50_ms"] / (
+                single + floors["search_top10"]["p50_ms"])
     if floors:
         if "restore" in fig:
             fig["restore"]["over_bare_insert"] = fig["restore"]["rows_per_s"] / floors["insert_parallel_rows_per_s"]
@@ -474,18 +561,27 @@ def table(fig: Figures) -> str:
     def quantiles(name: str, f: Figures) -> None:
         lines.append(f"  {name + ' p50/p95/p99':<44} {f['p50_ms']:>7.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} ms")
 
-    if "ceiling" in fig:
-        row("ceiling: bare ONNX, service batch", fig["ceiling"]["images_per_s"], "img/s")
-        row("model latency: bare ONNX, batch 1", fig["ceiling"]["single_image_ms"], "ms")
+    for name, f in fig.get("engines", {}).items():
+        label = (f"{f['model']} " if f["model"] != fig["meta"]["model"] else "") + f"{f['engine']} {f['precision']}"
+        label += " (the service's)" if name == "service" else ""
+        row(f"bare {label}, service batch", f["images_per_s"], "img/s")
+        row(f"bare {label}, batch 1", f["single_image_ms"], "ms")
+        row(f"bare {label}, CPU per image", f["cpu_ms_per_image"], "ms")
+        if "over_onnxruntime_fp32" in f:
+            row(f"bare {label} / bare onnxruntime fp32", f["over_onnxruntime_fp32"], "", 2)
     row("decode + preprocess, one thread", fig["decode_ms_per_image"], "ms/image")
     for where, f in fig["ingest"].items():
         row(f"ingest {where}: add", f["add_images_per_s"], "img/s")
         row(f"ingest {where}: add_bulk", f["add_bulk_images_per_s"], "img/s")
         row(f"ingest {where}: all", f["images_per_s"], "img/s")
-        row(f"ingest {where}: ceiling just before", f["ceiling_images_per_s"], "img/s")
+        row(f"ingest {where}: ceiling just before ({f['engine']})", f["ceiling_images_per_s"], "img/s")
+        row(f"ingest {where}: onnxruntime fp32 ceiling beside it", f["onnxruntime_fp32_ceiling_images_per_s"], "img/s")
         if "ratio_to_ceiling" in f:
-            row(f"ingest {where} / ceiling", f["ratio_to_ceiling"], "", 3)
+            row(f"ingest {where} / its engine's ceiling", f["ratio_to_ceiling"], "", 3)
+            row(f"ingest {where} / onnxruntime fp32 ceiling", f["over_onnxruntime_fp32_ceiling"], "", 3)
         row(f"ingest {where}: CPU per image, bare model", f["model_cpu_ms_per_image"], "ms")
+        row(f"ingest {where}: CPU per image, decode (one thread)", f["decode_cpu_ms_per_image"], "ms")
+        row(f"ingest {where}: CPU per image, rest of the service", f["rest_cpu_ms_per_image"], "ms")
         row(f"ingest {where}: CPU per image, service", f["service_cpu_ms_per_image"], "ms")
         row(f"ingest {where}: CPU per image, harness", f["harness_cpu_ms_per_image"], "ms")
         row(f"ingest {where}: CPU bound on the ratio", f["cpu_bound_on_ratio"], "", 3)
@@ -499,6 +595,8 @@ def table(fig: Figures) -> str:
     search = fig.get("search", {})
     if "image_url_p50_over_single_image" in search:
         row("search image_url p50 / model batch-1 latency", search["image_url_p50_over_single_image"], "", 2)
+    if "image_url_p50_over_model_and_search" in search:
+        row("search image_url p50 / (batch-1 + bare search)", search["image_url_p50_over_model_and_search"], "", 2)
     if "indexed_url_p50_over_bare_lookup_and_search" in search:
         row("search indexed_url p50 / bare lookup + search", search["indexed_url_p50_over_bare_lookup_and_search"],
             "", 2)

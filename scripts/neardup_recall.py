@@ -5,7 +5,7 @@ Images: each photo and its four corner tiles. Index: every original, plus every 
 images. Query: each edited copy of the query images; a hit is the query's own original ranked first. Images go
 through the service's own decoder and ONNX session.
 
-    python scripts/neardup_recall.py MODEL_DIR [MODEL_DIR ...]
+    python scripts/neardup_recall.py MODEL_DIR [MODEL_DIR ...] [--engines=onnxruntime:fp32,openvino:bf16]
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from PIL import Image, ImageEnhance, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from idios.decode import DecodeLimits, preprocess  # noqa: E402
-from idios.embed import OnnxTower  # noqa: E402
+from idios.engines import Tower  # noqa: E402
+from idios.engines.onnxruntime import OrtTower  # noqa: E402
+from idios.engines.openvino import OpenVinoTower  # noqa: E402
 from idios.models import load_manifest  # noqa: E402
 
 # Photographs bundled with scikit-image (no download); "camera", "moon" etc. are grey.
@@ -84,15 +86,24 @@ def images() -> dict[str, Image.Image]:
     return out
 
 
-def recall_table(model_dirs: list[Path]) -> dict[str, dict[str, float]]:
-    """recall@1 for each model (by name) and edit."""
+def open_on(path: Path, runs: str) -> Tower:
+    """A tower on `onnxruntime:fp32`, `openvino:fp32`, `openvino:bf16` or `openvino:int8`."""
+    engine, _, precision = runs.partition(":")
+    if engine == "openvino":
+        return OpenVinoTower(path, 2, precision or "fp32")
+    return OrtTower(path, 2)
+
+
+def recall_table(model_dirs: list[Path], engines: tuple[str, ...] = ("onnxruntime:fp32",)
+                 ) -> dict[str, dict[str, float]]:
+    """recall@1 for each model (by name, with the engine when several are measured) and edit."""
     pics = images()
     names = list(pics)
     queries, distractors = names[0::2], names[1::2]
     table: dict[str, dict[str, float]] = {}
-    for folder in model_dirs:
+    for folder, runs in ((f, r) for f in model_dirs for r in engines):
         spec = load_manifest(folder)
-        tower = OnnxTower(spec.visual, threads=2)
+        tower = open_on(spec.visual, runs)
 
         def embed(im: Image.Image) -> np.ndarray:
             return tower.run(preprocess(_jpeg(im, 95), spec, DecodeLimits())[None])[0]
@@ -103,15 +114,17 @@ def recall_table(model_dirs: list[Path]) -> dict[str, dict[str, float]]:
         for edit, fn in EDITS.items():
             hits = [index_ids[int(np.argmax(index @ embed(fn(pics[q]))))] == q for q in queries]
             row[edit] = sum(hits) / len(hits)
-        table[spec.name] = row
+        table[spec.name if len(engines) == 1 else f"{spec.name} {runs.replace(':', ' ')}"] = row
     return table
 
 
 def main() -> None:
-    dirs = [Path(p) for p in sys.argv[1:]]
+    args = [a for a in sys.argv[1:] if not a.startswith("--engines=")]
+    engines = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--engines=")), "onnxruntime:fp32")
+    dirs = [Path(p) for p in args]
     if not dirs:
         raise SystemExit(__doc__)
-    table = recall_table(dirs)
+    table = recall_table(dirs, tuple(engines.split(",")))
     models = list(table)
     n = len(images())
     print(f"recall@1 over {n} images ({len(photos())} photos and their corner tiles): queries are the edited copies "

@@ -49,8 +49,15 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
         assert set(figures) >= {"add_images_per_s", "add_bulk_images_per_s", "images_per_s", "ratio_to_ceiling",
                                 "ceiling_images_per_s", "model_busy_fraction", "mean_embed_batch",
                                 "milvus_write_fraction", "model_cpu_ms_per_image", "service_cpu_ms_per_image",
-                                "harness_cpu_ms_per_image", "cpu_bound_on_ratio"}
+                                "harness_cpu_ms_per_image", "cpu_bound_on_ratio", "over_onnxruntime_fp32_ceiling",
+                                "onnxruntime_fp32_ceiling_images_per_s", "decode_cpu_ms_per_image",
+                                "rest_cpu_ms_per_image", "engine"}
         assert figures["mean_embed_batch"] <= 8  # --set reached the services
+    # every engine and precision this machine runs, measured side by side; the service's own first
+    engines = {(f["engine"], f["precision"]) for f in fig["engines"].values()}
+    assert ("onnxruntime", "fp32") in engines and fig["ceiling"] == fig["engines"]["service"]
+    assert all("over_onnxruntime_fp32" in f for f in fig["engines"].values())
+    assert "image_url_p50_over_model_and_search" in fig["search"]
     assert fig["meta"]["max_batch"] == 8 and fig["ceiling"]["batch"] == 8 and fig["meta"]["settings"] == {
         "max_batch": "8"}
     for kind in ("indexed_url", "image_url", "upload", "text"):
@@ -65,5 +72,5 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
     assert fig["dump"]["rows"] >= 2000 + 40  # the restored rows and the ingested images
     assert {"serve"} <= set(fig["rss_mb"]["embedded"]) and {"api", "worker"} <= set(fig["rss_mb"]["amqp"])
     assert positive_numbers(fig) == []
-    assert "ingest embedded / ceiling" in proc.stdout and "peak RSS amqp worker" in proc.stdout
-    assert "restore / bare Milvus Lite" in proc.stdout
+    assert "ingest embedded / its engine's ceiling" in proc.stdout and "peak RSS amqp worker" in proc.stdout
+    assert "restore / bare Milvus Lite" in proc.stdout and "/ bare onnxruntime fp32" in proc.stdout

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from idios.decode import DecodeLimits, preprocess
-from idios.embed import OnnxTower
+from idios.engines.onnxruntime import OrtTower
 from idios.models import ModelSpec, load_manifest
 from tests_export.conftest import Exported, encode, skimage_photo
 
@@ -85,16 +85,16 @@ def reference(spec: ModelSpec, im: Image.Image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def models(vit_b32: Exported, effnet: Path) -> list[tuple[ModelSpec, OnnxTower]]:
+def models(vit_b32: Exported, effnet: Path) -> list[tuple[ModelSpec, OrtTower]]:
     """A CLIP tower (random weights) and a real-weights CNN, which is far more sensitive to pixels."""
     specs = [load_manifest(vit_b32.folder), load_manifest(effnet)]
-    return [(s, OnnxTower(s.visual, threads=2)) for s in specs]
+    return [(s, OrtTower(s.visual, 2)) for s in specs]
 
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("case", CASES)
 def test_runtime_preprocessing_matches_open_clip(
-    models: list[tuple[ModelSpec, OnnxTower]], case: str, size: str
+    models: list[tuple[ModelSpec, OrtTower]], case: str, size: str
 ) -> None:
     photos = PHOTOS[:2] if size == "large" else PHOTOS  # 3000 px photos are slow to encode on two cores
     pairs = [CASES[case](sized(p, SIZES[size])) for p in photos]

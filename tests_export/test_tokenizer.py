@@ -7,6 +7,7 @@ import random
 import numpy as np
 
 from idios.embed import TextEncoder
+from idios.engines.onnxruntime import OrtTower
 from idios.models import load_manifest
 from tests_export.conftest import Exported
 
@@ -56,7 +57,7 @@ def test_ids_match_open_clip_on_a_mixed_corpus(vit_b32: Exported) -> None:
     texts = corpus()
     spec = load_manifest(vit_b32.folder)
     assert spec.text is not None
-    ours = TextEncoder(spec.text, threads=1).tokens(texts)
+    ours = TextEncoder(spec.text, OrtTower(spec.text.file, 1)).tokens(texts)
     theirs = open_clip_ids(vit_b32, texts)
     assert len(texts) >= 2000
     mismatches = [t for t, a, b in zip(texts, ours, theirs, strict=True) if not np.array_equal(a, b)]
@@ -71,7 +72,7 @@ def test_ids_match_open_clip_on_a_mixed_corpus(vit_b32: Exported) -> None:
 def test_long_text_keeps_its_end_token(vit_b32: Exported) -> None:
     spec = load_manifest(vit_b32.folder)
     assert spec.text is not None
-    ids = TextEncoder(spec.text, threads=1).tokens([" ".join(["word"] * 200)])[0]
+    ids = TextEncoder(spec.text, OrtTower(spec.text.file, 1)).tokens([" ".join(["word"] * 200)])[0]
     tok = vit_b32.clip.tokenizer
     assert ids.shape == (77,) and ids[0] == tok.sot_token_id and ids[-1] == tok.eot_token_id
     assert (ids[1:-1] == ids[1]).all()
@@ -81,7 +82,7 @@ def test_known_divergence(vit_b32: Exported) -> None:
     """Documented, not hidden: a special-token string glued after symbols tokenizes differently."""
     spec = load_manifest(vit_b32.folder)
     assert spec.text is not None
-    ours = TextEncoder(spec.text, threads=1).tokens(["<<end_of_text>"])[0]
+    ours = TextEncoder(spec.text, OrtTower(spec.text.file, 1)).tokens(["<<end_of_text>"])[0]
     theirs = open_clip_ids(vit_b32, ["<<end_of_text>"])[0]
     assert len(ours) < 77  # trimmed to the text: compare as open_clip pads, to 77
     assert not np.array_equal(np.pad(ours, (0, 77 - len(ours))), theirs)

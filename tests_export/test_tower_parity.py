@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idios.embed import OnnxTower, TextEncoder
+from idios.embed import TextEncoder
+from idios.engines.onnxruntime import OrtTower
 from idios.models import load_manifest
 from tests_export.conftest import COSINE_TOWER, Exported, cosines, skimage_photo
 
@@ -30,8 +31,8 @@ class Towers:
     tokens: torch.Tensor
     want_images: np.ndarray
     want_texts: np.ndarray
-    visual: OnnxTower
-    text: OnnxTower
+    visual: OrtTower
+    text: OrtTower
     encoder: TextEncoder
 
 
@@ -58,8 +59,8 @@ def towers(exported: Exported) -> Towers:
         spec = load_manifest(exported.folder)
         assert spec.text is not None
         _towers[key] = Towers(exported, images, tokens, want_i, want_t,
-                              OnnxTower(spec.visual, threads=2), OnnxTower(spec.text.file, threads=2),
-                              TextEncoder(spec.text, threads=2))
+                              OrtTower(spec.visual, 2), OrtTower(spec.text.file, 2),
+                              TextEncoder(spec.text, OrtTower(spec.text.file, 2)))
     return _towers[key]
 
 
@@ -118,9 +119,9 @@ def test_manifest_describes_the_export(exported: Exported) -> None:
     from export_model import sha256
 
     assert raw["sha256"] == {p.name: sha256(p) for p in exported.folder.iterdir() if p.name != "manifest.json"}
-    tower = OnnxTower(spec.visual, threads=1)
+    tower = OrtTower(spec.visual, 1)
     assert isinstance(tower.session.get_inputs()[0].shape[0], str), "the batch dimension must be dynamic"
-    text_shape = OnnxTower(spec.text.file, threads=1).session.get_inputs()[0].shape
+    text_shape = OrtTower(spec.text.file, 1).session.get_inputs()[0].shape
     assert all(isinstance(d, str) for d in text_shape), "batch and sequence length must be dynamic"
 
 
