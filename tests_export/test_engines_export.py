@@ -42,9 +42,14 @@ def reference(exported: Exported) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def assert_same_items(got: np.ndarray, want: np.ndarray, floor: float) -> None:
-    """Each row within `floor` of its reference, and closer to it than to any other item's."""
+    """Each row within `floor` of its reference, and closer to it than to any other item's where the reference
+    tells them apart (random weights map some photos to one direction: cosine 0.9999999 between two here)."""
     assert cosines(got, want).min() >= floor, cosines(got, want)
-    assert (np.argmax(got @ want.T, axis=1) == np.arange(len(want))).all()
+    others = want @ want.T
+    np.fill_diagonal(others, -1)
+    distinct = others.max(axis=1) < floor
+    assert distinct.sum() >= len(want) // 2  # else this check could not fail
+    assert (np.argmax(got @ want.T, axis=1) == np.arange(len(want)))[distinct].all()
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: OpenVINO would run fp32")
