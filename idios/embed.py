@@ -8,12 +8,11 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import numpy as np
 
 from idios.batcher import MicroBatcher
-from idios.engines import Machine, Tower, TowerWeights, detect_machine, open_tower, plan
+from idios.engines import Machine, Tower, detect_machine, open_tower, plan
 from idios.metrics import Metrics
 from idios.models import ModelSpec, TextTower
 from idios.settings import Settings
@@ -73,9 +72,12 @@ class ModelRuntime:
         await self.images.close()
 
     async def _run_images(self, items: list[np.ndarray]) -> list[np.ndarray]:
-        batch = np.stack(items)
-        out = await asyncio.get_running_loop().run_in_executor(self._executor, self.visual.run, batch)
+        # stacking copies the whole batch (16 x 0.6 MB at 224 px): in the model's thread, not on the event loop
+        out = await asyncio.get_running_loop().run_in_executor(self._executor, self._stack_and_run, items)
         return list(out)
+
+    def _stack_and_run(self, items: list[np.ndarray]) -> np.ndarray:
+        return self.visual.run(np.stack(items))
 
     async def embed_image(self, tensor: np.ndarray) -> np.ndarray:
         return await self.images.submit(tensor)
@@ -123,7 +125,8 @@ def load_tower(spec: ModelSpec, kind: str, settings: Settings, machine: Machine,
     chosen = plan(weights, settings.engine, settings.precision, machine)
     if chosen.warning:
         log.warning("%s %s tower: %s", spec.name, kind, chosen.warning)
-    tower = open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin)
+    tower = open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin,
+                       settings.openvino_cache_dir)
     log.info("%s %s tower on %s %s (%s)", spec.name, kind, tower.engine, tower.precision, chosen.reason)
     metrics.engine.labels(spec.name, kind, tower.engine, tower.precision, tower.device).set(1)
     return tower

@@ -57,6 +57,8 @@ class Settings:
                 "models), onnxruntime, openvino"})
     precision: str = field(default="auto", metadata={
         "help": "auto (bf16 where the CPU has it and the model's measured fidelity holds), fp32, bf16, int8"})
+    openvino_cache: str = field(default="", metadata={
+        "help": "folder of OpenVINO's compiled-model cache (empty = DATA_DIR/openvino-cache; off = none)"})
     onnx_threads: int = field(default=0, metadata={"help": "threads of one model run, either engine (0 = all cores)"})
     execution_provider: str = field(
         default="cpu",
@@ -109,6 +111,12 @@ class Settings:
     @property
     def is_milvus_lite(self) -> bool:
         return self.milvus_uri is None or not self.milvus_uri.startswith(("http://", "https://", "tcp://"))
+
+    @property
+    def openvino_cache_dir(self) -> Path | None:
+        if self.openvino_cache.strip().lower() == "off":
+            return None
+        return Path(self.openvino_cache) if self.openvino_cache else self.data_dir / "openvino-cache"
 
     @property
     def worker_prefetch(self) -> int:

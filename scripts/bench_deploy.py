@@ -69,6 +69,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def private_rss_mb(pid: int) -> float:
+    """RssAnon of a live process now, in MB: its private memory, without the file pages it maps (OpenVINO's
+    cache, libraries), which the kernel can drop and other processes share; 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return 0.0
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM of a live process, in MB (10^6 bytes); 0 when it is gone."""
     try:
@@ -120,6 +132,7 @@ class Deployment:
 
     def rss(self) -> dict[str, float]:
         out = {role: peak_rss_mb(p.pid) for role, p in self.procs.items()}
+        out |= {f"{role} private now": private_rss_mb(p.pid) for role, p in self.procs.items()}
         for role, p in self.procs.items():
             kids = sum(peak_rss_mb(k) for k in children(p.pid))
             if kids:
@@ -177,8 +190,9 @@ COMMON = {"allow_private_urls": 1, "health_port": 0, "log_level": "WARNING"}
 async def embedded(models: Path, tmp: Path, **extra: object) -> AsyncIterator[Deployment]:
     """`python -m idios serve`: API + worker + Milvus Lite in one process."""
     port = free_port()
+    # one OpenVINO cache for both deployments: serve compiles cold, the workers started after it read it back
     proc = start("serve", tmp / "serve.log", port=port, data_dir=tmp / "embedded", models_dir=models,
-                 **(COMMON | extra))
+                 **(COMMON | {"openvino_cache": tmp / "openvino-cache"} | extra))
     try:
         url = f"http://127.0.0.1:{port}"
         await wait_ready(url, [proc], "/ping")
@@ -236,8 +250,8 @@ async def distributed(models: Path, tmp: Path, workers: int = 1, **extra: object
     deleted afterwards, and a Milvus Lite gRPC server."""
     prefix = f"idios-bench-{uuid.uuid4().hex[:10]}"
     with milvus_server(tmp / "milvus") as uri:
-        settings = dict(COMMON | extra, amqp_url=AMQP_URL, milvus_uri=uri, queue_prefix=prefix, models_dir=models,
-                        data_dir=tmp / "distributed")
+        settings = dict(COMMON | {"openvino_cache": tmp / "openvino-cache"} | extra, amqp_url=AMQP_URL,
+                        milvus_uri=uri, queue_prefix=prefix, models_dir=models, data_dir=tmp / "distributed")
         procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
             health = free_port()

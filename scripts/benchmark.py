@@ -111,7 +111,7 @@ def bare_tower(spec: ModelSpec, settings: Settings, kind: str = "visual", runs: 
     weights = spec.tower_weights(kind)
     engine, precision = runs or (settings.engine, settings.precision)
     chosen = plan(weights, engine, precision, machine)
-    return open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin), chosen
+    return open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin), chosen  # no cache
 
 
 Variant = tuple[ModelSpec, tuple[str, str]]

@@ -182,6 +182,13 @@ async def test_api_command_and_worker_health(tmp_path: Path, models_dir: Path, i
                 assert embed["images"] == len(urls)
                 # many requests, few model runs: the worker batches across requests
                 assert embed["batches"] < len(urls) / 2, embed
+                # the worker says what runs its visual towers; the API runs none, only text towers
+                assert embed["engine"] in ("openvino", "onnxruntime") and embed["precision"] in ("fp32", "bf16")
+                async with http.get(f"{base}/models") as resp:
+                    engines = {m["name"]: m["engines"] for m in await resp.json()}
+                assert engines["thumb_grid"] == {"visual": None, "text": None}
+                assert engines["thumb_text"]["visual"] is None and engines["thumb_text"]["text"]["engine"] in (
+                    "openvino", "onnxruntime")
         finally:
             api.send_signal(signal.SIGTERM)
             api_rc = api.wait(30)

@@ -158,3 +158,24 @@ def test_fidelity_is_measured_recorded_and_trusted(tmp_path: Path, models_dir: P
     expected = "bf16" if HAS_BF16 else "fp32"
     assert plan(spec.tower_weights("visual"), "auto", "auto", machine).precision == expected
     assert plan(spec.tower_weights("text"), "auto", "auto", machine).precision == expected
+
+
+@pytest.mark.skipif(CAPS is None, reason="OpenVINO cannot run on this machine")
+def test_the_openvino_cache_is_written_reused_and_never_stale(tmp_path: Path, models_dir: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    path, cache = tmp_path / "visual.onnx", tmp_path / "cache"
+    shutil.copyfile(models_dir / "thumb_text" / "visual.onnx", path)
+    x = _batch(models_dir / "thumb_text", 4)
+    first = OpenVinoTower(path, 1, "fp32", cache).run(x)
+    (entry,) = cache.iterdir()
+    assert any(f.suffix == ".blob" for f in entry.iterdir())
+    assert np.allclose(OpenVinoTower(path, 1, "fp32", cache).run(x), first, atol=1e-6)  # read back
+    assert list(cache.iterdir()) == [entry]
+    path.write_bytes(path.read_bytes())  # the same name, a new file: never served from the old entry
+    OpenVinoTower(path, 1, "fp32", cache).run(x)
+    assert len(list(cache.iterdir())) == 2
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level("WARNING", logger="idios.engines.openvino"):
+        assert np.allclose(OpenVinoTower(path, 1, "fp32", blocker).run(x), first, atol=1e-6)
+    assert "unusable" in caplog.text and "compiling visual.onnx without it" in caplog.text

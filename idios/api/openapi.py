@@ -26,10 +26,23 @@ from idios.settings import Settings
 REF = "#/components/schemas/{model}"
 
 
+class TowerEngine(BaseModel):
+    engine: str = Field(description="openvino or onnxruntime")
+    precision: str = Field(description="fp32, bf16 or int8")
+    device: str = Field(description="CPU, or the onnxruntime execution provider")
+
+
+class ModelEngines(BaseModel):
+    visual: TowerEngine | None = Field(description="null where this process runs no visual tower (the distributed "
+                                                   "API: its workers run them; their /health says on what)")
+    text: TowerEngine | None = Field(description="null without a text tower, or with text search off")
+
+
 class ModelInfo(BaseModel):
     name: str
     dim: int = Field(description="length of the embedding vectors")
     text: bool = Field(description="true when the model has a text tower: search by `text` works")
+    engines: ModelEngines = Field(description="what runs each tower in this process (IDIOS_ENGINE, IDIOS_PRECISION)")
 
 
 class Hit(BaseModel):

@@ -144,12 +144,13 @@ def _no_int8(precision: str) -> str | None:
             "scripts/export_model.py --int8-static)") if precision == "int8" else None
 
 
-def open_tower(tower: TowerWeights, chosen: EnginePlan, machine: Machine, threads: int, spin: bool = True) -> Tower:
-    """Build the tower `plan()` chose."""
+def open_tower(tower: TowerWeights, chosen: EnginePlan, machine: Machine, threads: int, spin: bool = True,
+               cache: Path | None = None) -> Tower:
+    """Build the tower `plan()` chose (`cache`: OpenVINO's compiled-model cache folder, None for none)."""
     if chosen.engine == "openvino":
         from idios.engines.openvino import OpenVinoTower
 
-        return OpenVinoTower(tower.path, threads, chosen.precision)
+        return OpenVinoTower(tower.path, threads, chosen.precision, cache)
     return OrtTower(tower.path, threads, list(machine.providers), spin, chosen.precision)
 
 

@@ -6,6 +6,7 @@ lock: a tower runs on one executor thread, and the lock keeps a caller from anot
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -32,19 +33,36 @@ def cpu_capabilities() -> set[str] | None:
         return None
 
 
+def compile_cached(core: Any, path: Path, config: dict[str, Any], cache: Path | None) -> Any:
+    """Compile `path`, through OpenVINO's model cache in `cache` when given.
+
+    A cached compile is read back memory-mapped: ViT-B/32 bf16 measured 513 MB of private memory after its
+    first runs against 858 MB compiled from the ONNX file (whose fp32 weights stay in private memory), its
+    weights then in shared page cache that several workers on one machine share. The folder is keyed by the
+    file's path, size and time, so a replaced file is never served from a stale entry; a cache that cannot be
+    written is skipped with a warning."""
+    if cache is not None:
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        try:
+            folder = cache / f"{path.stem}-{key}"
+            folder.mkdir(parents=True, exist_ok=True)
+            return core.compile_model(str(path), "CPU", config | {"CACHE_DIR": str(folder)})
+        except Exception as exc:  # a read-only or full disk: run uncached
+            log.warning("OpenVINO cache %s unusable (%s: %s): compiling %s without it", cache,
+                        exc.__class__.__name__, exc, path.name)
+    return core.compile_model(str(path), "CPU", config)
+
+
 class OpenVinoTower:
     """One compiled OpenVINO model: first input in, first output out (L2-normalised), batch dimension dynamic."""
 
     engine = "openvino"
     device = "CPU"
 
-    def __init__(self, path: Path, threads: int, precision: str = "fp32") -> None:
+    def __init__(self, path: Path, threads: int, precision: str = "fp32", cache: Path | None = None) -> None:
         import openvino as ov
 
-        core = ov.Core()
-        model = core.read_model(str(path))
-        shape = model.inputs[0].get_partial_shape()
-        self.dynamic_length = shape.rank.get_length() == 2 and shape[1].is_dynamic
         config: dict[str, Any] = {
             "INFERENCE_NUM_THREADS": threads,
             "NUM_STREAMS": 1,
@@ -54,7 +72,9 @@ class OpenVinoTower:
         }
         if precision in HINTS:  # int8 models keep OpenVINO's default for their float parts
             config["INFERENCE_PRECISION_HINT"] = HINTS[precision]
-        self.compiled = core.compile_model(model, "CPU", config)
+        self.compiled = compile_cached(ov.Core(), path, config, cache)
+        shape = self.compiled.inputs[0].get_partial_shape()
+        self.dynamic_length = shape.rank.get_length() == 2 and shape[1].is_dynamic
         self.precision = precision
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
