@@ -69,12 +69,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def private_rss_mb(pid: int) -> float:
-    """RssAnon of a live process now, in MB: its private memory, without the file pages it maps (OpenVINO's
-    cache, libraries), which the kernel can drop and other processes share; 0 when it is gone."""
+def status_mb(pid: int, field: str) -> float:
+    """A kB field of a live process's /proc status, in MB (10^6 bytes); 0 when it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024 / 1e6
     except OSError:
         pass
@@ -82,14 +81,14 @@ def private_rss_mb(pid: int) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    """VmHWM of a live process, in MB (10^6 bytes); 0 when it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return 0.0
+    """VmHWM: the most memory the process has held, file pages it maps included."""
+    return status_mb(pid, "VmHWM")
+
+
+def private_rss_mb(pid: int) -> float:
+    """RssAnon now: private memory, without the file pages it maps (OpenVINO's cache, libraries), which the
+    kernel can drop and other processes share."""
+    return status_mb(pid, "RssAnon")
 
 
 def cpu_seconds(pid: int) -> float:
