@@ -51,7 +51,8 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
                                 "milvus_write_fraction", "model_cpu_ms_per_image", "service_cpu_ms_per_image",
                                 "harness_cpu_ms_per_image", "cpu_bound_on_ratio", "over_onnxruntime_fp32_ceiling",
                                 "onnxruntime_fp32_ceiling_images_per_s", "decode_cpu_ms_per_image",
-                                "rest_cpu_ms_per_image", "engine"}
+                                "rest_cpu_ms_per_image", "engine", "ceiling_before_images_per_s",
+                                "ceiling_after_images_per_s"}
         assert figures["mean_embed_batch"] <= 8  # --set reached the services
     # every engine and precision this machine runs, measured side by side; the service's own first
     engines = {(f["engine"], f["precision"]) for f in fig["engines"].values()}

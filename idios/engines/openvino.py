@@ -54,7 +54,7 @@ def compile_cached(core: Any, path: Path, config: dict[str, Any], cache: Path | 
                 # (ViT-B/32 bf16 after its first runs: 836 -> 491 MB private)
                 core.compile_model(str(path), "CPU", cached)
             return core.compile_model(str(path), "CPU", cached)
-        except Exception as exc:  # a read-only or full disk: run uncached
+        except Exception as exc:  # a read-only or full disk, a blob another process is still writing: uncached
             log.warning("OpenVINO cache %s unusable (%s: %s): compiling %s without it", cache,
                         exc.__class__.__name__, exc, path.name)
     return core.compile_model(str(path), "CPU", config)
@@ -73,7 +73,8 @@ class OpenVinoTower:
             "INFERENCE_NUM_THREADS": threads,
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
-            # decode threads share these cores: pinned model threads measured slower ingest (README, Benchmark)
+            # decode threads share these cores; pinning measured no faster bare (ViT-B/32 bf16 batch 16: 50.1
+            # pinned, 50.8 img/s not, one interleaved run) and would pin the model against them
             "ENABLE_CPU_PINNING": False,
         }
         if precision in HINTS:  # int8 models keep OpenVINO's default for their float parts
