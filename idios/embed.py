@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack
 import numpy as np
 
 from idios.batcher import MicroBatcher
-from idios.engines import Machine, Tower, detect_machine, open_tower, plan
+from idios.engines import EnginePlan, Machine, Tower, detect_machine, open_tower, plan
 from idios.metrics import Metrics
 from idios.models import ModelSpec, TextTower
 from idios.settings import Settings
@@ -125,8 +125,17 @@ def load_tower(spec: ModelSpec, kind: str, settings: Settings, machine: Machine,
     chosen = plan(weights, settings.engine, settings.precision, machine)
     if chosen.warning:
         log.warning("%s %s tower: %s", spec.name, kind, chosen.warning)
-    tower = open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin,
-                       settings.openvino_cache_dir)
+    try:
+        tower = open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin,
+                           settings.openvino_cache_dir)
+    except Exception as exc:
+        # an operator OpenVINO cannot convert: under auto the file still runs on onnxruntime
+        if chosen.engine != "openvino" or settings.engine != "auto" or weights.path.suffix != ".onnx":
+            raise
+        log.warning("%s %s tower: OpenVINO cannot run it (%s), running onnxruntime fp32", spec.name, kind,
+                    str(exc).strip().splitlines()[-1][:300])
+        chosen = EnginePlan("onnxruntime", "fp32", "OpenVINO could not compile it")
+        tower = open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin)
     log.info("%s %s tower on %s %s (%s)", spec.name, kind, tower.engine, tower.precision, chosen.reason)
     metrics.engine.labels(spec.name, kind, tower.engine, tower.precision, tower.device).set(1)
     return tower

@@ -118,8 +118,9 @@ def quantize(src: Path, dst: Path, name: str) -> Path:
     if manifest.get("text"):
         shutil.copyfile(src / manifest["text"]["tokenizer"], dst / manifest["text"]["tokenizer"])
     manifest.pop("sha256", None)
+    manifest.pop("fidelity", None)  # the fp32 model's bf16 figures say nothing of these weights
     manifest.update(name=name, precision="int8", quantization="onnxruntime quantize_dynamic, QInt8 weights",
-                    fp32_source=manifest["name"])
+                    engine="onnxruntime", fp32_source=manifest["name"])
     write_manifest(dst, manifest)
     return dst
 

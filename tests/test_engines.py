@@ -178,4 +178,43 @@ def test_the_openvino_cache_is_written_reused_and_never_stale(tmp_path: Path, mo
     blocker.write_text("a file where the cache folder should be")
     with caplog.at_level("WARNING", logger="idios.engines.openvino"):
         assert np.allclose(OpenVinoTower(path, 1, "fp32", blocker).run(x), first, atol=1e-6)
-    assert "unusable" in caplog.text and "compiling visual.onnx without it" in caplog.text
+    assert "unusable" in caplog.text and "compiled visual.onnx without it" in caplog.text
+
+
+def det_model(folder: Path) -> Path:
+    """A model folder whose tower uses Det, which onnxruntime runs and OpenVINO 2026.4 cannot convert."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder.mkdir()
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 224, 224])
+    y = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3])
+    graph = helper.make_graph([helper.make_node("Det", ["image"], ["embedding"])], "det", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              folder / "visual.onnx")
+    manifest = {"name": "det", "dim": 3, "image_size": 224, "resize": "squash", "mean": [0.5] * 3,
+                "std": [0.5] * 3, "visual": {"file": "visual.onnx"}, "precision": "fp32"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.skipif(CAPS is None, reason="OpenVINO cannot run on this machine")
+def test_a_file_openvino_cannot_compile_runs_on_onnxruntime_under_auto(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from idios.embed import load_tower
+    from idios.engines import detect_machine
+    from idios.metrics import Metrics
+    from idios.settings import Settings
+
+    spec = load_manifest(det_model(tmp_path / "det"))
+    machine = detect_machine("cpu")
+    with caplog.at_level("WARNING", logger="idios.embed"):
+        tower = load_tower(spec, "visual", Settings(data_dir=tmp_path), machine, Metrics())
+    assert (tower.engine, tower.precision) == ("onnxruntime", "fp32")
+    assert "OpenVINO cannot run it" in caplog.text and "Det" in caplog.text
+    x = np.tile(np.eye(224, dtype=np.float32), (2, 3, 1, 1))
+    x[:, 1, 0] *= 2  # determinants 1, 2, 3 per channel
+    x[:, 2, 0] *= 3
+    assert np.allclose(tower.run(x), np.array([1, 2, 3]) / np.sqrt(14), atol=1e-5)
+    with pytest.raises(Exception, match="Det"):  # asked for by name: no quiet fallback
+        load_tower(spec, "visual", Settings(data_dir=tmp_path, engine="openvino"), machine, Metrics())

@@ -31,6 +31,7 @@ def test_int8_copy_agrees_with_fp32(vit_b32: Exported) -> None:
     fp32, int8 = load_manifest(vit_b32.folder), load_manifest(vit_b32.folder.parent / "vit_b32_int8")
     raw = json.loads((int8.visual.parent / "manifest.json").read_text())
     assert raw["precision"] == "int8" and raw["name"] == "vit_b32_int8" and raw["random_weights"] is True
+    assert raw["engine"] == "onnxruntime" and "fidelity" not in raw
     assert int8.visual.stat().st_size < fp32.visual.stat().st_size / 3
     c = vit_b32.clip
     transform = open_clip.image_transform(c.image_size, is_train=False, mean=c.mean, std=c.std)

@@ -41,23 +41,25 @@ def compile_cached(core: Any, path: Path, config: dict[str, Any], cache: Path | 
     weights then in shared page cache that several workers on one machine share. The folder is keyed by the
     file's path, size and time, so a replaced file is never served from a stale entry; a cache that cannot be
     written is skipped with a warning."""
-    if cache is not None:
-        stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        try:
-            folder = cache / f"{path.stem}-{key}"
-            folder.mkdir(parents=True, exist_ok=True)
-            cached = config | {"CACHE_DIR": str(folder)}
-            if not any(folder.glob("*.blob")):
-                # the first compile writes the cache but keeps the weights it read from the file in private
-                # memory: dropped at once, and the cache read back, a first start is as lean as the next ones
-                # (ViT-B/32 bf16 after its first runs: 836 -> 491 MB private)
-                core.compile_model(str(path), "CPU", cached)
-            return core.compile_model(str(path), "CPU", cached)
-        except Exception as exc:  # a read-only or full disk, a blob another process is still writing: uncached
-            log.warning("OpenVINO cache %s unusable (%s: %s): compiling %s without it", cache,
-                        exc.__class__.__name__, exc, path.name)
-    return core.compile_model(str(path), "CPU", config)
+    if cache is None:
+        return core.compile_model(str(path), "CPU", config)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache / f"{path.stem}-{key}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        cached = config | {"CACHE_DIR": str(folder)}
+        if not any(folder.glob("*.blob")):
+            # the first compile writes the cache but keeps the weights it read from the file in private
+            # memory: dropped at once, and the cache read back, a first start is as lean as the next ones
+            # (ViT-B/32 bf16 after its first runs: 836 -> 491 MB private)
+            core.compile_model(str(path), "CPU", cached)
+        return core.compile_model(str(path), "CPU", cached)
+    except Exception as exc:  # a read-only or full disk, a blob another process is still writing: uncached
+        compiled = core.compile_model(str(path), "CPU", config)  # a file OpenVINO cannot run raises here
+        log.warning("OpenVINO cache %s unusable (%s: %s): compiled %s without it", cache,
+                    exc.__class__.__name__, exc, path.name)
+        return compiled
 
 
 class OpenVinoTower:
