@@ -114,3 +114,23 @@ def test_16_bit_greyscale_keeps_its_tones() -> None:
     wide = Image.fromarray(grey.astype(np.uint16) * 257)
     rgb = np.asarray(load_rgb(encode(wide, "PNG"), 224, LIMITS))
     assert np.array_equal(rgb[..., 0], grey) and np.array_equal(rgb[..., 2], grey)
+
+
+@pytest.mark.parametrize("size", [(1000, 750), (750, 1000), (640, 480), (333, 1000), (1600, 300), (224, 500),
+                                  (500, 224), (300, 301), (224, 224)])
+def test_the_centre_crop_resize_is_open_clips_resize_then_crop(size: tuple[int, int]) -> None:
+    """to_tensor resizes only the source box that becomes the centre crop: within 1 of 255 of resizing the
+    whole image then cropping (open_clip's order), on every pixel."""
+    import dataclasses
+
+    from idios.decode import to_tensor
+
+    spec = dataclasses.replace(SPEC, resize="shortest", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    im = picture(f"crop-{size}", size)
+    w, h = im.size
+    full = im.resize((224, int(224 * h / w)) if w <= h else (int(224 * w / h), 224), Image.Resampling.BICUBIC)
+    left, top = round((full.width - 224) / 2), round((full.height - 224) / 2)
+    want = np.asarray(full.crop((left, top, left + 224, top + 224)), dtype=np.float32).transpose(2, 0, 1) / 255
+    got = to_tensor(im, spec)
+    assert got.shape == (3, 224, 224)
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6
