@@ -104,14 +104,19 @@ def quantiles_ms(samples: list[float]) -> Figures:
 
 # ---- the bare model ---------------------------------------------------------------------------------------------
 
-def bare_tower(spec: ModelSpec, settings: Settings, kind: str = "visual", runs: tuple[str, str] | None = None
-               ) -> tuple[Tower, EnginePlan]:
-    """A tower as the service would open it (`runs` None), or on the given (engine, precision)."""
-    machine = detect_machine(settings.execution_provider)
-    weights = spec.tower_weights(kind)
+def service_plan(spec: ModelSpec, settings: Settings, kind: str = "visual",
+                 runs: tuple[str, str] | None = None) -> EnginePlan:
+    """What the service would run a tower on (`runs` None), or the plan for the given (engine, precision)."""
     engine, precision = runs or (settings.engine, settings.precision)
-    chosen = plan(weights, engine, precision, machine)
-    return open_tower(weights, chosen, machine, model_threads(settings), settings.onnx_spin), chosen  # no cache
+    return plan(spec.tower_weights(kind), engine, precision, detect_machine(settings.execution_provider))
+
+
+def bare_tower(spec: ModelSpec, settings: Settings, kind: str = "visual", runs: tuple[str, str] | None = None
+               ) -> Tower:
+    """A tower opened as the service would open it (`runs` None), or on the given (engine, precision)."""
+    machine = detect_machine(settings.execution_provider)
+    chosen = service_plan(spec, settings, kind, runs)
+    return open_tower(spec.tower_weights(kind), chosen, machine, model_threads(settings), settings.onnx_spin)
 
 
 Variant = tuple[ModelSpec, tuple[str, str]]
@@ -119,19 +124,19 @@ Variant = tuple[ModelSpec, tuple[str, str]]
 
 def engine_variants(spec: ModelSpec, settings: Settings, others: tuple[ModelSpec, ...] = ()) -> dict[str, Variant]:
     """What the bare-model ceilings compare: the service's choice first, then every engine/precision that runs
-    this model, then the same for `others` (say its int8 copies)."""
-    _, service = bare_tower(spec, settings)
-    out: dict[str, Variant] = {"service": (spec, service.runs)}
+    this model, then the same for `others` (say its int8 copies, on the engine they were quantised for)."""
+    service = service_plan(spec, settings).runs
+    out: dict[str, Variant] = {"service": (spec, service)}
     machine = detect_machine(settings.execution_provider)
     for model in [spec, *others]:
         if model.precision == "int8":
-            runs = [(model.raw.get("engine") or "onnxruntime", "int8")]
+            runs = [service_plan(model, settings, runs=("auto", "int8")).runs]
         else:
             runs = [("onnxruntime", "fp32")]
             if machine.openvino is not None:
                 runs += [("openvino", "fp32")] + ([("openvino", "bf16")] if machine.bf16 else [])
         for r in runs:
-            if (model, r) != (spec, service.runs):
+            if (model, r) != (spec, service):
                 out[f"{model.name} {' '.join(r)}" if model is not spec else " ".join(r)] = (model, r)
     return out
 
@@ -140,7 +145,7 @@ def measure_ceilings(settings: Settings, seconds: float, variants: dict[str, Var
     """Bare throughput at the service's batch size, CPU per image and batch-1 latency of each engine/precision,
     same threads as the service, measured in interleaved rounds so that a change of load hits all alike."""
     batch = settings.max_batch
-    towers = {name: bare_tower(model, settings, runs=runs)[0] for name, (model, runs) in variants.items()}
+    towers = {name: bare_tower(model, settings, runs=runs) for name, (model, runs) in variants.items()}
     rng = np.random.default_rng(0)
     size = next(iter(variants.values()))[0].image_size
     x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -179,33 +184,23 @@ def measure_ceiling(spec: ModelSpec, settings: Settings, seconds: float) -> Figu
     return out["service"] | {"onnxruntime_fp32_images_per_s": baseline["images_per_s"]}
 
 
-def measure_decode_cpu(spec: ModelSpec, pool: list[bytes]) -> float:
-    """CPU milliseconds per image of decode + preprocess (one thread), for the CPU split of ingest."""
-    defaults = Settings()
-    limits = DecodeLimits(defaults.min_image_side, defaults.max_image_pixels)
-    sample = pool[:32]
-    cpu = time.thread_time()
-    for data in sample:
-        preprocess(data, spec, limits)
-    return 1000 * (time.thread_time() - cpu) / len(sample)
-
-
-def measure_decode(spec: ModelSpec, pool: list[bytes]) -> float:
-    """Milliseconds per image of the service's decode + preprocess (one thread) on the benchmark's JPEGs."""
+def measure_decode(spec: ModelSpec, pool: list[bytes]) -> tuple[float, float]:
+    """Wall and CPU milliseconds per image of the service's decode + preprocess (one thread) on the benchmark's
+    JPEGs: the first is printed, the second is the decode share of the ingest's CPU split."""
     defaults = Settings()  # decode limits are not tuning knobs
     limits = DecodeLimits(defaults.min_image_side, defaults.max_image_pixels)
     sample = pool[:64]
     preprocess(sample[0], spec, limits)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     for data in sample:
         preprocess(data, spec, limits)
-    return 1000 * (time.perf_counter() - start) / len(sample)
+    return (1000 * (time.perf_counter() - start) / len(sample), 1000 * (time.thread_time() - cpu) / len(sample))
 
 
 def measure_text(spec: ModelSpec, settings: Settings, n: int) -> Figures:
     """The bare text tower (tokenizer + ONNX, one short text at a time), same threads as the service."""
     assert spec.text is not None
-    tower, _ = bare_tower(spec, settings, "text")
+    tower = bare_tower(spec, settings, "text")
     encoder = TextEncoder(spec.text, tower)
     encoder.run(["warm up"])
     samples = []
@@ -495,8 +490,7 @@ async def run(args: argparse.Namespace) -> Figures:
         fig["engines"] = measure_ceilings(args.service, 2 * args.seconds, variants)
         fig["ceiling"] = fig["engines"]["service"]
     pool = deploy.jpeg_pool(min(max(args.images, args.searches + 1), 256))
-    fig["decode_ms_per_image"] = measure_decode(spec, pool)
-    args.decode_cpu_ms = measure_decode_cpu(spec, pool)
+    fig["decode_ms_per_image"], args.decode_cpu_ms = measure_decode(spec, pool)
     with tempfile.TemporaryDirectory(prefix="idios-bench-") as name:
         tmp = Path(name)
         models = only_model(spec, tmp)

@@ -180,24 +180,26 @@ def quantize_static(src: Path, dst: Path, name: str, calibration: list[bytes], c
     manifest = json.loads((src / "manifest.json").read_text())
     dst.mkdir(parents=True, exist_ok=True)
     arch = str((manifest.get("source") or {}).get("arch", ""))
+    # per tower: its file, calibration samples, NNCF's model type, the fp32 tower and the inputs to check on
+    checks = np.stack([preprocess(d, spec, DecodeLimits()) for d in check])
     towers = [("visual", spec.visual, [preprocess(d, spec, DecodeLimits())[None] for d in calibration],
-               nncf.ModelType.TRANSFORMER if arch.startswith("ViT") else None)]
+               nncf.ModelType.TRANSFORMER if arch.startswith("ViT") else None,
+               OpenVinoTower(spec.visual, 2, "fp32"), checks)]
     if spec.text is not None:
-        encoder = TextEncoder(spec.text, OpenVinoTower(spec.text.file, 2, "fp32"))
-        towers.append(("text", spec.text.file, [encoder.tokens([t]) for t in TEXTS], nncf.ModelType.TRANSFORMER))
+        text_fp32 = OpenVinoTower(spec.text.file, 2, "fp32")
+        encoder = TextEncoder(spec.text, text_fp32)
+        towers.append(("text", spec.text.file, [encoder.tokens([t]) for t in TEXTS], nncf.ModelType.TRANSFORMER,
+                       text_fp32, encoder.tokens(TEXTS)))
         shutil.copyfile(spec.text.tokenizer, dst / spec.text.tokenizer.name)
     fidelity = {}
-    checks = np.stack([preprocess(d, spec, DecodeLimits()) for d in check])
-    for kind, path, samples, model_type in towers:
+    for kind, path, samples, model_type, fp32, inputs in towers:
         model = ov.Core().read_model(str(path))
         kwargs = {"model_type": model_type} if model_type is not None else {}
         quantised = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples), **kwargs)
         ov.save_model(quantised, str(dst / f"{kind}.xml"), compress_to_fp16=False)
         manifest[kind]["file"] = f"{kind}.xml"
-        a = OpenVinoTower(path, 2, "fp32")
-        b = OpenVinoTower(dst / f"{kind}.xml", 2, "int8")
-        inputs = checks if kind == "visual" else encoder.tokens(TEXTS)
-        fidelity[kind] = cosine_stats(a.run(inputs), b.run(inputs))
+        int8 = OpenVinoTower(dst / f"{kind}.xml", 2, "int8")
+        fidelity[kind] = cosine_stats(fp32.run(inputs), int8.run(inputs))
     manifest.pop("sha256", None)
     manifest.pop("fidelity", None)
     manifest.update(name=name, precision="int8", engine="openvino", fp32_source=manifest["name"],

@@ -21,9 +21,7 @@ from PIL import Image, ImageEnhance, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from idios.decode import DecodeLimits, preprocess  # noqa: E402
-from idios.engines import Tower  # noqa: E402
-from idios.engines.onnxruntime import OrtTower  # noqa: E402
-from idios.engines.openvino import OpenVinoTower  # noqa: E402
+from idios.engines import EnginePlan, Tower, TowerWeights, detect_machine, open_tower  # noqa: E402
 from idios.models import load_manifest  # noqa: E402
 
 # Photographs bundled with scikit-image (no download); "camera", "moon" etc. are grey.
@@ -87,11 +85,11 @@ def images() -> dict[str, Image.Image]:
 
 
 def open_on(path: Path, runs: str) -> Tower:
-    """A tower on `onnxruntime:fp32`, `openvino:fp32`, `openvino:bf16` or `openvino:int8`."""
+    """A tower on `onnxruntime:fp32`, `openvino:fp32`, `openvino:bf16` or `openvino:int8`, as the service
+    builds one."""
     engine, _, precision = runs.partition(":")
-    if engine == "openvino":
-        return OpenVinoTower(path, 2, precision or "fp32")
-    return OrtTower(path, 2)
+    chosen = EnginePlan(engine, precision or "fp32", f"--engines={runs}")
+    return open_tower(TowerWeights(path), chosen, detect_machine("cpu"), 2)
 
 
 def recall_table(model_dirs: list[Path], engines: tuple[str, ...] = ("onnxruntime:fp32",)

@@ -55,25 +55,23 @@ def measure(spec: ModelSpec, images: list[bytes], threads: int = 0) -> dict[str,
     if len(images) < MIN_IMAGES:
         raise ValueError(f"measure on at least {MIN_IMAGES} real photos (got {len(images)})")
     threads = threads or os.cpu_count() or 1
+    stamp = {"openvino": ov.get_version().split("-")[0], "measured": datetime.date.today().isoformat()}
     batch = np.stack([preprocess(data, spec, DecodeLimits()) for data in images])
-    out: dict[str, Any] = {}
-    runs: list[tuple[str, Path, Any]] = [("visual", spec.visual, batch)]
+    chunks = [batch[i:i + 8] for i in range(0, len(batch), 8)]
+    out = {"visual": _compare(OpenVinoTower(spec.visual, threads, "fp32"), spec.visual, chunks, threads) | stamp}
     if spec.text is not None:
         from idios.embed import TextEncoder
 
-        encoder = TextEncoder(spec.text, OpenVinoTower(spec.text.file, threads, "fp32"))
-        runs.append(("text", spec.text.file, encoder))
-    for kind, path, inputs in runs:
-        fp32, bf16 = OpenVinoTower(path, threads, "fp32"), OpenVinoTower(path, threads, "bf16")
-        if kind == "text":
-            ids = inputs.tokens(TEXTS)
-            a, b = fp32.run(ids), bf16.run(ids)
-        else:
-            a = np.concatenate([fp32.run(inputs[i:i + 8]) for i in range(0, len(inputs), 8)])
-            b = np.concatenate([bf16.run(inputs[i:i + 8]) for i in range(0, len(inputs), 8)])
-        out[kind] = cosine_stats(a, b) | {"openvino": ov.get_version().split("-")[0],
-                                          "measured": datetime.date.today().isoformat()}
+        fp32 = OpenVinoTower(spec.text.file, threads, "fp32")
+        ids = TextEncoder(spec.text, fp32).tokens(TEXTS)
+        out["text"] = _compare(fp32, spec.text.file, [ids], threads) | stamp
     return out
+
+
+def _compare(fp32: OpenVinoTower, path: Path, chunks: list[np.ndarray], threads: int) -> dict[str, Any]:
+    """The tower at `path` in bf16 against its fp32 run, over the same inputs."""
+    bf16 = OpenVinoTower(path, threads, "bf16")
+    return cosine_stats(np.concatenate([fp32.run(c) for c in chunks]), np.concatenate([bf16.run(c) for c in chunks]))
 
 
 def record(folder: Path, images: list[bytes]) -> dict[str, Any]:
