@@ -167,10 +167,12 @@ def test_the_openvino_cache_is_written_reused_and_never_stale(tmp_path: Path, mo
     shutil.copyfile(models_dir / "thumb_text" / "visual.onnx", path)
     x = _batch(models_dir / "thumb_text", 4)
     first = OpenVinoTower(path, 1, "fp32", cache).run(x)
-    (entry,) = cache.iterdir()
-    assert any(f.suffix == ".blob" for f in entry.iterdir())
+    (entry,) = cache.iterdir()  # the process's own compiling folder is gone
+    blobs = {f.name: f.stat().st_mtime_ns for f in entry.iterdir()}
+    assert len(blobs) == 1 and next(iter(blobs)).endswith(".blob")
     assert np.allclose(OpenVinoTower(path, 1, "fp32", cache).run(x), first, atol=1e-6)  # read back
     assert list(cache.iterdir()) == [entry]
+    assert {f.name: f.stat().st_mtime_ns for f in entry.iterdir()} == blobs  # found, not written again
     path.write_bytes(path.read_bytes())  # the same name, a new file: never served from the old entry
     OpenVinoTower(path, 1, "fp32", cache).run(x)
     assert len(list(cache.iterdir())) == 2
@@ -218,3 +220,37 @@ def test_a_file_openvino_cannot_compile_runs_on_onnxruntime_under_auto(tmp_path:
     assert np.allclose(tower.run(x), np.array([1, 2, 3]) / np.sqrt(14), atol=1e-5)
     with pytest.raises(Exception, match="Det"):  # asked for by name: no quiet fallback
         load_tower(spec, "visual", Settings(data_dir=tmp_path, engine="openvino"), machine, Metrics())
+
+
+CACHE_USER = """
+import sys
+from pathlib import Path
+import numpy as np
+from idios.engines.openvino import OpenVinoTower
+x = np.load(sys.argv[3])
+np.save(sys.argv[4], OpenVinoTower(Path(sys.argv[1]), 1, "bf16", Path(sys.argv[2])).run(x))
+"""
+
+
+@pytest.mark.skipif(CAPS is None, reason="OpenVINO cannot run on this machine")
+def test_processes_starting_together_on_a_cold_cache_all_run_right(tmp_path: Path, models_dir: Path) -> None:
+    """Two workers on one machine start at once on an empty cache: none may read another's half-written blob
+    (seen in a CI-style run: a worker's first batch failed in OpenVINO's Reshape)."""
+    path = models_dir / "thumb_text" / "visual.onnx"
+    x = _batch(models_dir / "thumb_text", 3)
+    np.save(tmp_path / "x.npy", x)
+    want = OpenVinoTower(path, 1, "bf16").run(x)
+    for attempt in range(3):
+        cache = tmp_path / f"cache{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", CACHE_USER, str(path), str(cache), str(tmp_path / "x.npy"),
+                                   str(tmp_path / f"out{attempt}-{i}.npy")], cwd=ROOT, stderr=subprocess.PIPE)
+                 for i in range(4)]
+        try:
+            errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert [p.returncode for p in procs] == [0] * 4, errors
+        for i in range(4):
+            assert np.allclose(np.load(tmp_path / f"out{attempt}-{i}.npy"), want, atol=1e-6)
+        assert all(not f.name.startswith(".compiling-") for f in cache.iterdir())

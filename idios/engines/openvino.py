@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -47,19 +49,29 @@ def compile_cached(core: Any, path: Path, config: dict[str, Any], cache: Path | 
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = cache / f"{path.stem}-{key}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        cached = config | {"CACHE_DIR": str(folder)}
         if not any(folder.glob("*.blob")):
-            # the first compile writes the cache but keeps the weights it read from the file in private
-            # memory: dropped at once, and the cache read back, a first start is as lean as the next ones
-            # (ViT-B/32 bf16 after its first runs: 836 -> 491 MB private)
-            core.compile_model(str(path), "CPU", cached)
-        return core.compile_model(str(path), "CPU", cached)
-    except Exception as exc:  # a read-only or full disk, a blob another process is still writing: uncached
+            _fill(core, path, config, cache, folder)
+        return core.compile_model(str(path), "CPU", config | {"CACHE_DIR": str(folder)})
+    except Exception as exc:  # a read-only or full disk: uncached
         compiled = core.compile_model(str(path), "CPU", config)  # a file OpenVINO cannot run raises here
         log.warning("OpenVINO cache %s unusable (%s: %s): compiled %s without it", cache,
                     exc.__class__.__name__, exc, path.name)
         return compiled
+
+
+def _fill(core: Any, path: Path, config: dict[str, Any], cache: Path, folder: Path) -> None:
+    """Compile into a folder of this process's own, then move the blob into the shared one in one rename.
+
+    OpenVINO writes a blob in place, and a process that starts beside another one (two workers on a machine)
+    read a half-written blob as a model that failed at its first run. A rename shows the others a whole blob or
+    none. The compiled model is dropped: the caller reads the blob back, memory-mapped, so that a first start
+    holds no more than the next ones (ViT-B/32 bf16 after its first runs: 836 -> 491 MB private)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".compiling-") as own:
+        core.compile_model(str(path), "CPU", config | {"CACHE_DIR": own})
+        folder.mkdir(exist_ok=True)
+        for blob in Path(own).glob("*.blob"):
+            os.replace(blob, folder / blob.name)
 
 
 class OpenVinoTower:
