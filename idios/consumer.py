@@ -19,7 +19,7 @@ from idios.worker import JobHandler
 log = logging.getLogger(__name__)
 
 # Failures worth another try: the worker's own trouble (Milvus hiccup, a bug hit by chance), not the input's.
-TRANSIENT = {errors.WorkerFailure.type, errors.Unavailable.type}
+TRANSIENT = {errors.WorkerFailure.type, errors.Unavailable.type, errors.StoreUnavailable.type}
 RETRY_DELAY = 0.5
 
 

@@ -149,6 +149,12 @@ class Unavailable(IdiosError):
     type = "unavailable"
 
 
+class StoreUnavailable(Unavailable):
+    """The Milvus server cannot be reached or is recovering; the request may be sent again."""
+
+    type = "store_unavailable"
+
+
 class WorkerFailure(IdiosError):
     status = 500
     type = "worker_error"

@@ -31,12 +31,17 @@ class Settings:
     max_attempts: int = field(default=3, metadata={"help": "tries of a job that fails transiently before dead-lettering"})
     drain_timeout: float = field(default=30.0, metadata={
         "help": "seconds a stopping process finishes what it holds: a worker its jobs, the API its requests"})
-    health_port: int = field(default=4214, metadata={"help": "worker health endpoint port (0 = off)"})
+    health_port: int = field(default=4214, metadata={"help": "worker health endpoint port, or the first free one above it (0 = off)"})
     milvus_uri: str | None = field(
         default=None, metadata={"help": "Milvus server URI (http://host:19530); unset = Milvus Lite in data_dir"}
     )
     milvus_token: str | None = field(default=None, metadata={"help": "Milvus token (user:password or API key)"})
     milvus_timeout: float = field(default=30.0, metadata={"help": "seconds allowed for one Milvus call"})
+    milvus_db: str = field(default="default", metadata={
+        "help": "database on a Milvus server holding this deployment's collections (created if missing)"})
+    milvus_retry: float = field(default=60.0, metadata={
+        "help": "seconds a write keeps trying while the Milvus server is unreachable or recovering"})
+    search_ef: int = field(default=64, metadata={"help": "HNSW search breadth (ef): higher = better recall, slower"})
     index_type: str = field(
         default="", metadata={"help": "vector index: FLAT/IVF_FLAT on Milvus Lite, HNSW on a server (empty = auto)"}
     )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pymilvus import AsyncMilvusClient, DataType, MilvusClient
@@ -18,12 +18,16 @@ from idios.models import ModelSpec
 from idios.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 URL_MAX = 2083
 QUERY_WINDOW = 16384  # Milvus caps offset + limit of one query
 ROWS_PER_QUERY = 500  # rows fetched by primary key per query when a page carries vectors
 PARALLEL_QUERIES = 4  # of those queries at once
 PARALLEL_WRITES = 4  # writes to a Milvus Lite file at once (its engine inserts ~6k rows/s for one caller, ~10k for 2-4)
+# gRPC's own reconnect backoff grows to 120 s, so a client found the restarted server up to two minutes late
+RECONNECT = {"grpc.initial_reconnect_backoff_ms": 250, "grpc.min_reconnect_backoff_ms": 250,
+             "grpc.max_reconnect_backoff_ms": 2000}
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,54 @@ def create_collection(client: MilvusClient, name: str, dim: int, index_kind: str
     client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
 
 
+def unavailable(exc: BaseException) -> bool:
+    """A failure that waiting mends: the server cannot be reached, is not ready, or (after a restart, for
+    20-30 s here) has not loaded the collection again yet; it loads it by itself."""
+    text = f"{exc!r} {getattr(exc, 'message', '')}".lower()
+    return isinstance(exc, (TimeoutError, ConnectionError)) or any(m in text for m in _UNAVAILABLE)
+
+
+_UNAVAILABLE = ("unavailable", "fail connecting", "not ready", "deadline_exceeded", "deadline exceeded",
+                "connection refused", "not healthy", "channel closed", "stopping", "not loaded")
+
+
+class Settler:
+    """Makes this process's writes searchable before they are answered, one Milvus wait shared by many.
+
+    Strong reads on a Milvus server wait for the server's clock (365 ms for a top-10 search here); Bounded
+    reads take 2.4 ms. So writes pay the wait instead, once per moment rather than once per read: one Strong
+    query after a write returns once the server serves everything written before it (150-400 ms measured),
+    and writers that finished before that query began share it. A Session query would wait for this
+    process's newest insert or upsert only: measured on Milvus 2.3.5, deletes (a remove, the old row of an
+    upsert) leave no timestamp in pymilvus's session, and other processes kept seeing a deleted row for the
+    5 s of Milvus's `common.gracefulTime`. A standalone server (and a cluster with one replica) serves every
+    search from one delegator per shard whose serviceable time only grows, so afterwards a search from any
+    process sees the write. README "Consistency" has the whole guarantee."""
+
+    def __init__(self, probe: Any) -> None:
+        self._probe = probe
+        self._written = 0
+        self._settled = 0
+        self._running: asyncio.Task[None] | None = None
+
+    def wrote(self) -> None:
+        self._written += 1
+
+    async def wait(self) -> None:
+        target = self._written
+        while self._settled < target:
+            if self._running is None:
+                self._running = asyncio.create_task(self._run(self._written))
+            await asyncio.shield(self._running)
+
+    async def _run(self, upto: int) -> None:
+        try:
+            await self._probe()
+        finally:
+            self._running = None
+        self._settled = max(self._settled, upto)
+
+
 class KeyClaims:
     """The keys being written to a collection: a write waits only for the writes that share a key with it, so
     writes of the same url happen one after another and all others side by side. Keys are checked and claimed
@@ -118,6 +170,9 @@ class CollectionStore:
         self._claims: dict[str, KeyClaims] = {}
         self._write_gate = asyncio.Semaphore(PARALLEL_WRITES)
         self._metrics: dict[str, str] = {}  # collection -> the metric its index was built with
+        self._settlers: dict[str, Settler] = {}
+        # Milvus Lite answers every read with everything written; a server reads Bounded (see Settler)
+        self._consistency: dict[str, Any] = {} if settings.is_milvus_lite else {"consistency_level": "Bounded"}
 
     def _key(self, url: str) -> str:
         return url.replace(_QUOTE, _STANDIN) if self._swap_quotes else url
@@ -133,14 +188,26 @@ class CollectionStore:
         # create/has/load calls are the ones Milvus Lite documents.
         # The sync client stays open until close: with Milvus Lite it owns the embedded server process.
         self._sync = MilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout)
-        if not s.is_milvus_lite and self._serves_lite_engine(self._sync):
-            log.warning("%s is a Milvus Lite server: FLAT index and quote-safe keys", s.milvus_target)
-            self._swap_quotes = True
-            self.index_kind = s.index_type.upper() or "FLAT"
+        db = {} if s.is_milvus_lite else {"db_name": self._ensure_database(s.milvus_db)}
+        if db:  # a client of that database (use_database needs DescribeDatabase, which Milvus 2.3 lacks)
+            self._sync.close()
+            self._sync = MilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout, **db)
         for spec in self._specs.values():
             self._ensure_collection(self._sync, spec)
-        self._client = AsyncMilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout)
+        self._client = AsyncMilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout,
+                                         grpc_options=RECONNECT, **db)
         return self
+
+    def _ensure_database(self, name: str) -> str:
+        """The server's database this deployment keeps its collections in, created on first use."""
+        if name and name != "default" and name not in self._sync.list_databases():
+            try:
+                self._sync.create_database(name)
+                log.info("created Milvus database %s", name)
+            except Exception:
+                if name not in self._sync.list_databases():  # another process may have won the race
+                    raise
+        return name or "default"
 
     async def __aexit__(self, *exc: object) -> None:
         if self._client is not None:
@@ -173,20 +240,6 @@ class CollectionStore:
         return METRIC
 
     @staticmethod
-    def _serves_lite_engine(client: MilvusClient) -> bool:
-        """Milvus Lite's own gRPC server (milvus_lite.server.Server with an address) lacks GetVersion."""
-        quiet = logging.getLogger("pymilvus.decorators")
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)  # the expected failure would be logged with a traceback
-        try:
-            client.get_server_version()
-        except Exception as exc:  # pymilvus wraps the gRPC status in several ways
-            return "UNIMPLEMENTED" in repr(exc) or "UNIMPLEMENTED" in str(getattr(exc, "message", ""))
-        finally:
-            quiet.setLevel(level)
-        return False
-
-    @staticmethod
     def _stored_dim(client: MilvusClient, name: str) -> int | None:
         for field in client.describe_collection(name).get("fields", []):
             if field.get("name") == "embedding":
@@ -202,7 +255,55 @@ class CollectionStore:
     def _collection(self, model: str) -> str:
         return self._specs[model].collection
 
-    async def upsert(self, model: str, rows: Sequence[Row]) -> int:
+    async def _read(self, call: Awaitable[T]) -> T:
+        """A read; an unreachable or recovering server is a 503 `store_unavailable` at once, not a hang."""
+        try:
+            return await call
+        except Exception as exc:
+            if unavailable(exc):
+                raise errors.StoreUnavailable(f"the Milvus server is unavailable: {_brief(exc)}") from exc
+            raise
+
+    async def _write(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A write, tried again while the server is unreachable or recovering, for up to milvus_retry seconds:
+        an outage shorter than that costs no write (jobs time out at job_timeout; keep milvus_retry below it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.milvus_retry
+        delay = 0.25
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                if loop.time() + delay > deadline:
+                    raise errors.StoreUnavailable(
+                        f"the Milvus server did not take a write within {self._settings.milvus_retry:g} s: "
+                        f"{_brief(exc)}") from exc
+                log.warning("Milvus write failed (%s); trying again in %.2f s", _brief(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    async def settle(self, model: str) -> None:
+        """Return once this process's writes to `model` so far are searchable from any process (see Settler)."""
+        if self._settings.is_milvus_lite:
+            return
+        await self._settler(self._collection(model)).wait()
+
+    def _settler(self, name: str) -> Settler:
+        settler = self._settlers.get(name)
+        if settler is None:
+            async def probe() -> None:
+                await self._write(lambda: self.client.query(name, filter='url == ""', output_fields=["url"],
+                                                            limit=1, consistency_level="Strong"))
+
+            settler = self._settlers[name] = Settler(probe)
+        return settler
+
+    def _wrote(self, name: str) -> None:
+        self._settler(name).wrote()
+
+    async def upsert(self, model: str, rows: Sequence[Row], settle: bool = True) -> int:
         """Write rows (insert or replace by url; the last of repeated urls wins), in chunks Milvus handles well.
 
         On a Milvus Lite file, urls not yet stored are inserted and only the others upserted: Milvus Lite's upsert
@@ -212,7 +313,10 @@ class CollectionStore:
         alone): writes sharing a url wait for each other, the others run side by side, up to PARALLEL_WRITES at
         once (one writer at a time measured 6.0k rows/s of bare inserts, two or four 10.1-10.3k, at 40k x 512).
         A Milvus server (several writers) always gets upserts; this process still never upserts one url twice at
-        once (concurrent upserts of one primary key can leave both rows, see routes.run_job)."""
+        once (concurrent upserts of one primary key can leave both rows, see routes.run_job).
+
+        With `settle` the rows are searchable from any process on return; a caller that batches many
+        requests' rows into one write passes False and has each request await `settle` (see Settler)."""
         name = self._collection(model)
         claims = self._claims.setdefault(name, KeyClaims())
         step = max(1, min(self._settings.write_batch, 1000))
@@ -224,7 +328,8 @@ class CollectionStore:
             ]
             if not self._sole_writer:
                 async with claims.claim(latest):
-                    await self.client.upsert(name, data)
+                    await self._write(lambda: self.client.upsert(name, data))
+                    self._wrote(name)
                 continue
             async with claims.claim(latest), self._write_gate:
                 stored = await self._stored_keys(name, list(latest))
@@ -233,10 +338,13 @@ class CollectionStore:
                     await self.client.insert(name, fresh)
                 if len(fresh) < len(data):
                     await self.client.upsert(name, [d for d in data if d["url"] in stored])
+        if settle:
+            await self.settle(model)
         return len(rows)
 
     async def _stored_keys(self, name: str, keys: list[str]) -> set[str]:
-        res = await self.client.query(name, filter=url_in(keys), output_fields=["url"])
+        res = await self._read(self.client.query(name, filter=url_in(keys), output_fields=["url"],
+                                                 **self._consistency))
         return {r["url"] for r in res}
 
     async def existing(self, model: str, urls: Sequence[str]) -> set[str]:
@@ -250,28 +358,29 @@ class CollectionStore:
 
     async def embedding_of(self, model: str, url: str) -> np.ndarray | None:
         expr = url_in([self._key(url)])
-        res = await self.client.query(self._collection(model), filter=expr, output_fields=["embedding"],
-                                      strict_float32=True)
+        res = await self._read(self.client.query(self._collection(model), filter=expr, output_fields=["embedding"],
+                                                 strict_float32=True, **self._consistency))
         return np.asarray(res[0]["embedding"], dtype=np.float32) if res else None
 
     async def search(
         self, model: str, vector: np.ndarray, limit: int, expr: str = "", min_similarity: float | None = None
     ) -> list[Hit]:
-        res = await self.client.search(
-            self._collection(model),
-            data=[np.asarray(vector, dtype=np.float32).tolist()],
-            limit=limit,
-            filter=expr,
-            output_fields=["url", "metadata"],
-            search_params={"metric_type": self._metrics.get(self._collection(model), METRIC)},
-        )
+        name = self._collection(model)
+        params: dict[str, Any] = {"metric_type": self._metrics.get(name, METRIC)}
+        if self.index_kind == "HNSW":
+            params["params"] = {"ef": max(self._settings.search_ef, limit)}  # Milvus needs ef >= limit
+        res = await self._read(self.client.search(
+            name, data=[np.asarray(vector, dtype=np.float32).tolist()], limit=limit, filter=expr,
+            output_fields=["url", "metadata"], search_params=params, **self._consistency,
+        ))
         hits = [Hit(self._url(h["entity"]["url"]), h["entity"].get("metadata"), similarity(h["distance"])) for h in res[0]]
         if min_similarity is not None:
             hits = [h for h in hits if h.similarity >= min_similarity]
         return hits
 
     async def count(self, model: str) -> int:
-        res = await self.client.query(self._collection(model), filter="", output_fields=["count(*)"])
+        res = await self._read(self.client.query(self._collection(model), filter="", output_fields=["count(*)"],
+                                                 **self._consistency))
         return int(res[0]["count(*)"])
 
     async def page(self, model: str, cursor: str | None, limit: int, with_data: bool) -> list[dict[str, Any]]:
@@ -286,7 +395,8 @@ class CollectionStore:
         """
         name = self._collection(model)
         expr = url_after(self._key(cursor) if cursor else None) or 'url >= ""'
-        keys = await self.client.query(name, filter=expr, output_fields=["url"], limit=min(limit, QUERY_WINDOW))
+        keys = await self._read(self.client.query(name, filter=expr, output_fields=["url"],
+                                                  limit=min(limit, QUERY_WINDOW), **self._consistency))
         ordered = sorted(r["url"] for r in keys)
         if not with_data:
             return [{"url": self._url(k)} for k in ordered]
@@ -294,8 +404,9 @@ class CollectionStore:
 
         async def rows_of(chunk: list[str]) -> Any:
             async with gate:
-                return await self.client.query(name, filter=url_in(chunk), output_fields=["url", "embedding", "metadata"],
-                                               strict_float32=True)
+                return await self._read(self.client.query(
+                    name, filter=url_in(chunk), output_fields=["url", "embedding", "metadata"], strict_float32=True,
+                    **self._consistency))
 
         by_key: dict[str, dict[str, Any]] = {}
         chunks = [ordered[i : i + ROWS_PER_QUERY] for i in range(0, len(ordered), ROWS_PER_QUERY)]
@@ -310,4 +421,11 @@ class CollectionStore:
         return rows
 
     async def remove(self, model: str, url: str) -> None:
-        await self.client.delete(self._collection(model), filter=url_in([self._key(url)]))
+        name = self._collection(model)
+        await self._write(lambda: self.client.delete(name, filter=url_in([self._key(url)])))
+        self._wrote(name)
+        await self.settle(model)
+
+
+def _brief(exc: BaseException) -> str:
+    return str(getattr(exc, "message", "") or exc).splitlines()[0][:200]

@@ -69,7 +69,7 @@ class JobHandler:
 
     def _writer_for(self, model: str) -> Any:
         async def write(rows: list[Row]) -> list[None]:
-            await self.store.upsert(model, rows)
+            await self.store.upsert(model, rows, settle=False)  # each job settles its own write, below
             return [None] * len(rows)
 
         return write
@@ -104,6 +104,7 @@ class JobHandler:
         if job.kind is JobKind.ADD:
             vector = await self._embed_image(runtime, job)
             await self.writers[job.model].submit(Row(job.url, vector, job.metadata))
+            await self.store.settle(job.model)  # answered = searchable from any API process
             return JobResult(written=1)
         if job.kind is JobKind.RESTORE:
             return JobResult(written=await self._restore(runtime, job.rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 from contextlib import AsyncExitStack
@@ -19,6 +20,7 @@ from idios.store import CollectionStore
 from idios.worker import JobHandler
 
 log = logging.getLogger(__name__)
+HEALTH_PORTS = 64  # the most workers of one host with health endpoints
 
 
 def health_app(consumer: JobConsumer, handler: JobHandler, store: CollectionStore) -> web.Application:
@@ -47,6 +49,19 @@ def health_app(consumer: JobConsumer, handler: JobHandler, store: CollectionStor
     return app
 
 
+async def listen(runner: web.AppRunner, host: str, first: int) -> int:
+    """Serve on the first free port from `first` up: the workers of one host take 4214, 4215, ... in the
+    order they start, each logging its own (`worker ready: ... health URL`)."""
+    for port in range(first, first + HEALTH_PORTS):
+        try:
+            await web.TCPSite(runner, host, port).start()
+            return port
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise SystemExit(f"no free health port in {first}-{first + HEALTH_PORTS - 1} (IDIOS_HEALTH_PORT; 0 = off)")
+
+
 async def run_worker(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then stop consuming, drain within drain_timeout and exit."""
     require_distributed(settings)
@@ -59,12 +74,13 @@ async def run_worker(settings: Settings) -> None:
         store = await stack.enter_async_context(CollectionStore(settings, specs))
         handler = await JobHandler.open(settings, specs, store, stack, Metrics())
         consumer = await stack.enter_async_context(JobConsumer(settings, handler))
+        health = "off"
         if settings.health_port:
             runner = web.AppRunner(health_app(consumer, handler, store), access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, settings.host, settings.health_port).start()
-        log.info("worker ready: models %s", ", ".join(specs) or "(none)")
+            health = f"http://{settings.host}:{await listen(runner, settings.host, settings.health_port)}/health"
+        log.info("worker ready: models %s; health %s", ", ".join(specs) or "(none)", health)
         await stop.wait()
         log.info("stopping: no new jobs, draining")
     log.info("worker stopped")

@@ -1,5 +1,5 @@
 """What benchmark.py runs against: a pool of pre-encoded JPEGs on a loopback server, the service as real
-subprocesses (embedded `serve`, or `api` + `worker` over RabbitMQ with a Milvus Lite gRPC server), peak RSS."""
+subprocesses (embedded `serve`, or `api` + `worker` over RabbitMQ on a Milvus server), peak RSS."""
 
 from __future__ import annotations
 
@@ -124,6 +124,7 @@ class Deployment:
     url: str
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     metrics_url: str = ""  # where the worker's Prometheus metrics are (batch sizes and times per stage)
+    milvus_db: str = ""  # the database on the Milvus server (distributed deployments)
 
     def cpu(self) -> float:
         """CPU seconds used so far by every process of the deployment, children (Milvus Lite) included."""
@@ -201,36 +202,26 @@ async def embedded(models: Path, tmp: Path, **extra: object) -> AsyncIterator[De
 
 
 @contextmanager
-def milvus_server(folder: Path) -> Iterator[str]:
-    """Milvus Lite's engine serving gRPC on a loopback port, shared by the API and the worker."""
-    from milvus_lite.server import Server
-
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    server = Server(str(folder / "milvus.db"), address=f"127.0.0.1:{port}")
-    if not server.init() or not server.start():
-        raise RuntimeError("could not start the Milvus Lite server")
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_milvus(uri)
-        yield uri
-    finally:
-        server.stop()
-
-
-def wait_for_milvus(uri: str, timeout: float = 90) -> None:
-    """The server process is up before it listens; on a loaded machine that can take seconds."""
+def fresh_database(uri: str) -> Iterator[str]:
+    """A new database on the Milvus server at `uri`, dropped with its collections afterwards: deployments
+    sharing one server (one per machine) never see each other's rows."""
     from pymilvus import MilvusClient
 
-    deadline = time.monotonic() + timeout
-    while True:
+    name = f"idios_{uuid.uuid4().hex[:12]}"
+    try:
+        yield name
+    finally:
         try:
-            MilvusClient(uri, timeout=5).close()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            client = MilvusClient(uri, timeout=30)
+            if name in client.list_databases():
+                inside = MilvusClient(uri, timeout=30, db_name=name)
+                for collection in inside.list_collections():
+                    inside.drop_collection(collection)
+                inside.close()
+                client.drop_database(name)
+            client.close()
+        except Exception as exc:  # the server may be down after a fault test; it is stopped anyway
+            print(f"could not drop Milvus database {name}: {exc}", file=sys.stderr)
 
 
 async def delete_queues(prefix: str, amqp_url: str = AMQP_URL) -> None:
@@ -244,13 +235,15 @@ async def delete_queues(prefix: str, amqp_url: str = AMQP_URL) -> None:
 
 
 @asynccontextmanager
-async def distributed(models: Path, tmp: Path, workers: int = 1, **extra: object) -> AsyncIterator[Deployment]:
+async def distributed(models: Path, tmp: Path, milvus_uri: str, workers: int = 1, **extra: object
+                      ) -> AsyncIterator[Deployment]:
     """`python -m idios api` + `worker` processes over the real RabbitMQ, under a fresh queue prefix that is
-    deleted afterwards, and a Milvus Lite gRPC server."""
+    deleted afterwards, on the Milvus server at `milvus_uri` in a fresh database, dropped afterwards."""
     prefix = f"idios-bench-{uuid.uuid4().hex[:10]}"
-    with milvus_server(tmp / "milvus") as uri:
+    with fresh_database(milvus_uri) as db:
         settings = dict(COMMON | {"openvino_cache": tmp / "openvino-cache"} | extra, amqp_url=AMQP_URL,
-                        milvus_uri=uri, queue_prefix=prefix, models_dir=models, data_dir=tmp / "distributed")
+                        milvus_uri=milvus_uri, milvus_db=db, queue_prefix=prefix, models_dir=models,
+                        data_dir=tmp / "distributed")
         procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
             health = free_port()
@@ -261,7 +254,7 @@ async def distributed(models: Path, tmp: Path, workers: int = 1, **extra: object
             procs["api"] = start("api", tmp / "api.log", port=port, **settings)
             url = f"http://127.0.0.1:{port}"
             await wait_ready(url, list(procs.values()), "/ping?rpc=1")
-            yield Deployment(url, procs, f"http://127.0.0.1:{health}/metrics" if workers == 1 else "")
+            yield Deployment(url, procs, f"http://127.0.0.1:{health}/metrics" if workers == 1 else "", db)
         finally:
             for proc in procs.values():
                 stop(proc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_deploy as deploy  # noqa: E402
+from milvus_standalone import MilvusStandalone  # noqa: E402
 from idios.decode import DecodeLimits, preprocess  # noqa: E402
 from idios.embed import TextEncoder, model_threads  # noqa: E402
 from idios.engines import EnginePlan, Tower, detect_machine, open_tower, plan  # noqa: E402
@@ -55,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "ceilings are measured in the same interleaved rounds")
     p.add_argument("--skip", default="", help=f"comma-separated phases to skip: {', '.join(PHASES)}")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.add_argument("--milvus-uri", help="run the amqp phase on this Milvus server (default: start one, "
+                   "scripts/milvus_standalone.py; one per machine)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a service setting for this run, as IDIOS_NAME would set it (repeatable), e.g. onnx_threads=1; "
                         "the bare-model figures use it too")
@@ -475,9 +479,11 @@ async def embedded_phases(args: argparse.Namespace, spec: ModelSpec, models: Pat
 
 async def amqp_phases(args: argparse.Namespace, spec: ModelSpec, models: Path, tmp: Path, images: str,
                       fig: Figures) -> None:
-    async with deploy.distributed(models, tmp, workers=1, **args.settings) as svc:
-        fig["ingest"]["amqp_1_worker"] = await ingest_against_ceiling(args, spec, svc, images, "amqp")
-        fig["rss_mb"]["amqp"] = svc.rss()
+    with contextlib.ExitStack() as stack:
+        uri = args.milvus_uri or stack.enter_context(MilvusStandalone(tmp / "milvus-server")).uri
+        async with deploy.distributed(models, tmp, uri, workers=1, **args.settings) as svc:
+            fig["ingest"]["amqp_1_worker"] = await ingest_against_ceiling(args, spec, svc, images, "amqp")
+            fig["rss_mb"]["amqp"] = svc.rss()
 
 
 async def run(args: argparse.Namespace) -> Figures:

@@ -47,25 +47,36 @@ def _normalise_nodes(src: str, out: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _consts() -> list[onnx.TensorProto]:
-    return [
+def _consts(dim: int = DIM) -> list[onnx.TensorProto]:
+    consts = [
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axes1"),
         numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "eps"),
     ]
+    if dim != DIM:
+        consts.append(numpy_helper.from_array(np.array([0, 0, 0, dim - DIM], dtype=np.int64), "pads"))
+    return consts
 
 
-def visual_model() -> onnx.ModelProto:
+def _padded(nodes: list[onnx.NodeProto], dim: int) -> list[onnx.NodeProto]:
+    """The same unit vector in `dim` values, zeros after the first 192 (a wider collection for benchmarks)."""
+    if dim == DIM:
+        return nodes
+    nodes[-1].output[0] = "unpadded"
+    return [*nodes, helper.make_node("Pad", ["unpadded", "pads"], ["embedding"])]
+
+
+def visual_model(dim: int = DIM) -> onnx.ModelProto:
     k = SIZE // GRID
-    nodes = [
+    nodes = _padded([
         helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),
         helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
         *_normalise_nodes("flat", "embedding"),
-    ]
+    ], dim)
     graph = helper.make_graph(
         nodes, "thumb_grid_visual",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", DIM])],
-        initializer=_consts(),
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+        initializer=_consts(dim),
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
@@ -76,20 +87,20 @@ def colour_embedding(rgb: tuple[float, float, float]) -> np.ndarray:
     return np.repeat(np.asarray(chans, dtype=np.float32), GRID * GRID)
 
 
-def text_model(vocab: dict[str, int]) -> onnx.ModelProto:
+def text_model(vocab: dict[str, int], dim: int = DIM) -> onnx.ModelProto:
     table = np.zeros((len(vocab), DIM), dtype=np.float32)
     for word, rgb in COLOURS.items():
         table[vocab[word]] = colour_embedding(rgb)
-    nodes = [
+    nodes = _padded([
         helper.make_node("Gather", ["table", "text"], ["vectors"], axis=0),
         helper.make_node("ReduceSum", ["vectors", "axes1"], ["summed"], keepdims=0),
         *_normalise_nodes("summed", "embedding"),
-    ]
+    ], dim)
     graph = helper.make_graph(
         nodes, "thumb_grid_text",
         [helper.make_tensor_value_info("text", TensorProto.INT64, ["batch", "context"])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", DIM])],
-        initializer=[numpy_helper.from_array(table, "table"), *_consts()],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+        initializer=[numpy_helper.from_array(table, "table"), *_consts(dim)],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
@@ -108,14 +119,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build(out: Path, name: str = "thumb_grid", text: bool = False) -> Path:
-    """Write the model folder `out` (created) and return it."""
+def build(out: Path, name: str = "thumb_grid", text: bool = False, dim: int = DIM) -> Path:
+    """Write the model folder `out` (created) and return it; `dim` > 192 pads the vectors with zeros."""
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(visual_model(), out / "visual.onnx")
+    onnx.save(visual_model(dim), out / "visual.onnx")
     manifest: dict[str, object] = {
         "name": name,
         "description": "8x8 RGB grid, centred and L2-normalised: near-duplicate search, no semantics",
-        "dim": DIM,
+        "dim": dim,
         "image_size": SIZE,
         "resize": "squash",
         "mean": list(MEAN),
@@ -126,7 +137,7 @@ def build(out: Path, name: str = "thumb_grid", text: bool = False) -> Path:
     }
     if text:
         vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(COLOURS)}}
-        onnx.save(text_model(vocab), out / "text.onnx")
+        onnx.save(text_model(vocab, dim), out / "text.onnx")
         (out / "tokenizer.json").write_text(tokenizer_json(vocab))
         manifest["text"] = {"file": "text.onnx", "tokenizer": "tokenizer.json", "context_length": 16}
     files = sorted(p.name for p in out.iterdir() if p.name != "manifest.json")

@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_thumb_model
+from milvus_standalone import MilvusStandalone
+
+
+@pytest.fixture(scope="session")
+def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusStandalone]:
+    """The real Milvus server (2.3.5 standalone) the distributed tests share, started once per run and always
+    stopped; each deployment keeps its collections in a database of its own (tests.distributed)."""
+    with MilvusStandalone(tmp_path_factory.mktemp("milvus-server")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +96,7 @@ async def service(
     else:
         from tests.distributed import distributed
 
-        async with distributed(tmp, models_dir, workers=2) as (svc, _, _):
+        async with distributed(tmp, models_dir, request.getfixturevalue("milvus"), workers=2) as (svc, _, _):
             yield svc
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -23,7 +24,8 @@ from idios.settings import Settings
 from tests.conftest import ROOT, Service, wait_for_ping
 
 import bench_deploy  # noqa: E402  (scripts/, on sys.path through tests.conftest)
-from bench_deploy import free_port, milvus_server  # noqa: E402,F401  (shared with the benchmark)
+from bench_deploy import fresh_database, free_port  # noqa: E402,F401  (shared with the benchmark)
+from milvus_standalone import MilvusStandalone  # noqa: E402
 
 AMQP_URL = os.environ.get("IDIOS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -40,10 +42,13 @@ async def require_broker() -> None:
         pytest.skip(reason)
 
 
-def settings_for(milvus_uri: str, prefix: str, models: Path, data: Path, **kw: object) -> Settings:
-    return Settings(amqp_url=AMQP_URL, milvus_uri=milvus_uri, queue_prefix=prefix, models_dir=models,
-                    data_dir=data, allow_private_urls=True, health_port=0, drain_timeout=20,
-                    **kw)  # type: ignore[arg-type]
+def settings_for(milvus: tuple[str, str], prefix: str, models: Path, data: Path, **kw: object) -> Settings:
+    """`milvus`: the server's URI and the database this deployment keeps its collections in."""
+    uri, db = milvus
+    base: dict[str, object] = {"amqp_url": AMQP_URL, "milvus_uri": uri, "milvus_db": db, "queue_prefix": prefix,
+                               "models_dir": models, "data_dir": data, "allow_private_urls": True, "health_port": 0,
+                               "drain_timeout": 20}
+    return Settings(**(base | kw))  # type: ignore[arg-type]
 
 
 def worker_env(settings: Settings, health_port: int = 0) -> dict[str, str]:
@@ -77,8 +82,83 @@ def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
     return int(proc.returncode)
 
 
-async def delete_queues(prefix: str) -> None:
-    await bench_deploy.delete_queues(prefix, AMQP_URL)
+class BrokerNode:
+    """A RabbitMQ node of the test's own (the machine's `rabbitmq-server`, its own name, ports, config and
+    data folder), so a test can stop and start a broker without touching the one on 5672."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port, self.dist_port = free_port(), free_port()
+        self.name = f"idios-{uuid.uuid4().hex[:8]}@localhost"
+        self._proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o777)  # the server may drop to the rabbitmq user
+        (folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (folder / "enabled_plugins").write_text("[].\n")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "RABBITMQ_NODENAME": self.name, "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
+                "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"), "RABBITMQ_LOG_BASE": str(self.folder / "log"),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins")}
+
+    async def start(self, timeout: float = 90) -> None:
+        with (self.folder / "server.log").open("ab") as out:
+            self._proc = subprocess.Popen(["rabbitmq-server"], env=self._env(), stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                conn = await aio_pika.connect(self.url, timeout=3)
+                await conn.close()
+                return
+            except Exception:
+                if self._proc.poll() is not None or asyncio.get_running_loop().time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the test's RabbitMQ node did not start; see {self.folder}") from None
+                await asyncio.sleep(0.5)
+
+    def rabbitmqctl(self, *args: str) -> str:
+        return subprocess.run(["rabbitmqctl", "-n", self.name, *args], env=self._env(), capture_output=True,
+                              text=True, timeout=60).stdout
+
+    def stop(self, timeout: float = 60) -> None:
+        """A clean broker stop (as a restart does); the process group is killed if it outlives `timeout`."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self.rabbitmqctl("stop")
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._proc = None
+
+
+@asynccontextmanager
+async def start_api(settings: Settings, log: Path) -> AsyncIterator[str]:
+    """A second API process (`python -m idios api`) of the same deployment; yields its base URL once it answers
+    a round trip through a worker, and stops it afterwards."""
+    port = free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "idios", "api"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**worker_env(settings), "IDIOS_PORT": str(port)})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            await wait_for_ping(http, base, timeout=120)
+        yield base
+    finally:
+        stop_worker(proc)
+
+
+async def delete_queues(prefix: str, amqp_url: str = AMQP_URL) -> None:
+    await bench_deploy.delete_queues(prefix, amqp_url)
 
 
 @asynccontextmanager
@@ -100,19 +180,21 @@ async def wait_for_workers(svc: Service, timeout: float = 60) -> None:
 
 
 @asynccontextmanager
-async def distributed(tmp: Path, models: Path, workers: int = 2, **kw: object) -> AsyncIterator[
-        tuple[Service, Settings, list[subprocess.Popen[bytes]]]]:
-    """A whole distributed deployment under a fresh queue prefix, torn down (queues included) afterwards."""
+async def distributed(tmp: Path, models: Path, milvus: MilvusStandalone, workers: int = 2, **kw: object
+                      ) -> AsyncIterator[tuple[Service, Settings, list[subprocess.Popen[bytes]]]]:
+    """A whole distributed deployment on the suite's Milvus server, in a database and under a queue prefix of
+    its own, torn down (queues and database included) afterwards."""
     await require_broker()
     prefix = f"idios-test-{uuid.uuid4().hex[:10]}"
-    with milvus_server(tmp) as uri:
-        settings = settings_for(uri, prefix, models, tmp, job_timeout=90, **kw)
+    with fresh_database(milvus.uri) as db:
+        settings = settings_for((milvus.uri, db), prefix, models, tmp, job_timeout=90, **kw)
         procs = [start_worker(settings, tmp / f"worker{i}.log") for i in range(workers)]
         try:
             async with api_service(settings) as svc:
-                await wait_for_workers(svc)
+                if workers:
+                    await wait_for_workers(svc)
                 yield svc, settings, procs
         finally:
             for p in procs:
                 stop_worker(p)
-            await delete_queues(prefix)
+            await delete_queues(prefix, settings.amqp_url or AMQP_URL)

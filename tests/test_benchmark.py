@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from tests.conftest import ROOT
-from tests.distributed import require_broker
+from tests.distributed import MilvusStandalone, require_broker
 
 
 def positive_numbers(figures: dict[str, object], where: str = "") -> list[str]:
@@ -30,14 +30,15 @@ def positive_numbers(figures: dict[str, object], where: str = "") -> list[str]:
 
 
 @pytest.mark.timeout(400)
-async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: Path) -> None:
+async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: Path,
+                                                    milvus: MilvusStandalone) -> None:
     await require_broker()
     out = tmp_path / "bench.json"
     # thumb_text is thumb_grid with a toy text tower, so the text search figure is exercised too
     proc = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--models-dir", str(models_dir), "--model", "thumb_text",
          "--rows", "2000", "--images", "40", "--searches", "8", "--seconds", "1", "--json", str(out),
-         "--set", "max_batch=8"],
+         "--set", "max_batch=8", "--milvus-uri", milvus.uri],
         cwd=ROOT, capture_output=True, text=True, timeout=380,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

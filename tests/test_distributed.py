@@ -21,9 +21,11 @@ from idios.messages import ImageJob, JobKind
 from tests.conftest import ROOT, Service, wait_for_ping
 from tests.distributed import (
     AMQP_URL,
+    BrokerNode,
+    MilvusStandalone,
     distributed,
     free_port,
-    milvus_server,
+    fresh_database,
     require_broker,
     settings_for,
     start_worker,
@@ -44,9 +46,8 @@ async def stored(svc: Service, urls: list[str]) -> set[str]:
 
 
 async def test_sigkill_of_a_worker_mid_batch_loses_no_answered_write(
-    tmp_path: Path, models_dir: Path, images: str
-) -> None:
-    async with distributed(tmp_path, models_dir, workers=2) as (svc, _, procs):
+    tmp_path: Path, models_dir: Path, images: str, milvus: MilvusStandalone) -> None:
+    async with distributed(tmp_path, models_dir, milvus, workers=2) as (svc, _, procs):
         urls = [f"{images}/slow/kill/{uuid.uuid4().hex}.jpg?delay=1.5" for _ in range(30)]
         pending = [asyncio.create_task(add(svc, u)) for u in urls]
         await asyncio.sleep(0.7)  # both workers now hold fetches in flight
@@ -61,8 +62,8 @@ async def test_sigkill_of_a_worker_mid_batch_loses_no_answered_write(
         assert await stored(svc, answered) == set(answered)
 
 
-async def test_sigterm_drains_held_jobs_and_exits_cleanly(tmp_path: Path, models_dir: Path, images: str) -> None:
-    async with distributed(tmp_path, models_dir, workers=1) as (svc, settings, procs):
+async def test_sigterm_drains_held_jobs_and_exits_cleanly(tmp_path: Path, models_dir: Path, images: str, milvus: MilvusStandalone) -> None:
+    async with distributed(tmp_path, models_dir, milvus, workers=1) as (svc, settings, procs):
         urls = [f"{images}/slow/term/{uuid.uuid4().hex}.jpg?delay=1" for _ in range(10)]
         pending = [asyncio.create_task(add(svc, u)) for u in urls]
         await asyncio.sleep(0.5)
@@ -95,9 +96,8 @@ def close_connection(name: str) -> None:
 
 
 async def test_api_recovers_when_its_broker_connection_is_cut_under_load(
-    tmp_path: Path, models_dir: Path, images: str
-) -> None:
-    async with distributed(tmp_path, models_dir, workers=1) as (svc, _, _):
+    tmp_path: Path, models_dir: Path, images: str, milvus: MilvusStandalone) -> None:
+    async with distributed(tmp_path, models_dir, milvus, workers=1) as (svc, _, _):
         bus = svc.backend.bus
         assert isinstance(bus, AmqpBus)
         urls = [f"{images}/slow/cut/{uuid.uuid4().hex}.jpg?delay=0.5" for _ in range(20)]
@@ -137,9 +137,8 @@ async def raw_job(body: bytes, prefix: str, expect_dead: int) -> tuple[dict[str,
 
 
 async def test_poison_and_failing_jobs_end_in_the_dead_letter_queue(
-    tmp_path: Path, models_dir: Path, images: str
-) -> None:
-    async with distributed(tmp_path, models_dir, workers=1, max_attempts=2) as (svc, settings, _):
+    tmp_path: Path, models_dir: Path, images: str, milvus: MilvusStandalone) -> None:
+    async with distributed(tmp_path, models_dir, milvus, workers=1, max_attempts=2) as (svc, settings, _):
         reply, dead = await raw_job(b"\x00not json", settings.queue_prefix, expect_dead=1)
         assert reply["error"]["type"] == "worker_error" and "malformed job" in reply["error"]["message"]
         assert dead == 1
@@ -154,12 +153,12 @@ async def test_poison_and_failing_jobs_end_in_the_dead_letter_queue(
         assert (await add(svc, f"{images}/img/after-poison.jpg"))[0] == 204
 
 
-async def test_api_command_and_worker_health(tmp_path: Path, models_dir: Path, images: str) -> None:
+async def test_api_command_and_worker_health(tmp_path: Path, models_dir: Path, images: str, milvus: MilvusStandalone) -> None:
     await require_broker()
     prefix = f"idios-test-{uuid.uuid4().hex[:10]}"
-    with milvus_server(tmp_path) as uri:
+    with fresh_database(milvus.uri) as db:
         # a toy model runs in microseconds, so give images time to meet in the batcher
-        settings = settings_for(uri, prefix, models_dir, tmp_path, max_wait_ms=300)
+        settings = settings_for((milvus.uri, db), prefix, models_dir, tmp_path, max_wait_ms=300)
         health_port, api_port = free_port(), free_port()
         worker = start_worker(settings, tmp_path / "worker.log", health_port=health_port)
         env = {**worker_env(settings), "IDIOS_PORT": str(api_port)}
@@ -212,3 +211,32 @@ def test_api_refuses_to_start_without_a_broker_or_a_milvus_server(tmp_path: Path
         assert out.returncode != 0
         assert "IDIOS_AMQP_URL" in out.stderr or "IDIOS_MILVUS_URI" in out.stderr
         assert "Traceback" not in out.stderr
+
+
+async def test_broker_restarted_under_load_loses_no_answered_write_and_everyone_reconnects(
+        tmp_path: Path, models_dir: Path, images: str, milvus: MilvusStandalone) -> None:
+    """A RabbitMQ node of the test's own, stopped and started again while jobs are in flight: every url answered
+    as added is stored, every request is answered, and the API and both workers reconnect by themselves."""
+    await require_broker()
+    node = BrokerNode(tmp_path / "rabbit")
+    await node.start()
+    try:
+        async with distributed(tmp_path, models_dir, milvus, workers=2, amqp_url=node.url) as (svc, settings, _):
+            tag = uuid.uuid4().hex[:8]
+            urls = [f"{images}/slow/brk-{tag}-{i}.jpg?delay=1" for i in range(40)]
+            pending = [asyncio.create_task(add(svc, u)) for u in urls]
+            await asyncio.sleep(1.5)  # jobs are on the queue and in the workers' hands
+            await asyncio.to_thread(node.stop)
+            await node.start()
+            results = await asyncio.gather(*pending)
+            assert all(s == 204 or (s >= 500 and b'"type"' in body) for s, body in results), results
+            answered = [u for u, (s, _) in zip(urls, results, strict=True) if s == 204]
+            assert await stored(svc, answered) == set(answered)
+            # everyone is back: fresh adds through the same API are answered, and both workers consume again
+            after = [f"{images}/img/brk-after-{tag}-{i}.jpg" for i in range(8)]
+            assert [s for s, _ in await asyncio.gather(*(add(svc, u) for u in after))] == [204] * len(after)
+            consumers = node.rabbitmqctl("list_queues", "name", "consumers", "-q")
+            assert f"{settings.queue_prefix}.jobs\t2" in consumers, consumers
+            print(f"broker restart: {len(answered)} of {len(urls)} in-flight adds answered 204, all stored")
+    finally:
+        await asyncio.to_thread(node.stop)

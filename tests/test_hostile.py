@@ -78,7 +78,7 @@ async def strict(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     else:
         from tests.distributed import distributed
 
-        async with distributed(tmp, models_dir, workers=1, **LIMITS) as (svc, _, _):
+        async with distributed(tmp, models_dir, request.getfixturevalue("milvus"), workers=1, **LIMITS) as (svc, _, _):
             yield svc
 
 

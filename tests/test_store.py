@@ -10,7 +10,7 @@ import numpy as np
 from idios.models import discover
 from idios.settings import Settings
 from idios.store import CollectionStore, KeyClaims, Row
-from tests.distributed import milvus_server
+from tests.distributed import MilvusStandalone, fresh_database
 
 
 async def test_writes_sharing_a_key_wait_and_the_others_do_not() -> None:
@@ -40,11 +40,13 @@ async def test_writes_sharing_a_key_wait_and_the_others_do_not() -> None:
         pass
 
 
-async def test_one_process_never_upserts_one_url_twice_at_once(tmp_path: Path, models_dir: Path) -> None:
+async def test_one_process_never_upserts_one_url_twice_at_once(
+    tmp_path: Path, models_dir: Path, milvus: MilvusStandalone
+) -> None:
     """Against a Milvus server (every write an upsert), concurrent writes of the same urls from one process leave
     one row per url: concurrent upserts of one primary key can otherwise keep both rows."""
-    with milvus_server(tmp_path / "milvus") as uri:
-        settings = Settings(data_dir=tmp_path, models_dir=models_dir, milvus_uri=uri)
+    with fresh_database(milvus.uri) as db:
+        settings = Settings(data_dir=tmp_path, models_dir=models_dir, milvus_uri=milvus.uri, milvus_db=db)
         specs = discover(models_dir)
         async with CollectionStore(settings, specs) as store:
             assert not store._sole_writer

@@ -64,9 +64,9 @@ async def run_job(request: web.Request, job: ImageJob) -> JobResult:
 
     A job that writes holds its urls until it is answered, so that two writes of one url never run at once.
     Milvus's upsert is a delete plus an insert, and concurrent upserts of one primary key can leave both rows
-    (measured on the shared Milvus Lite server the tests run for 2 workers: six concurrent restores of the same
-    1,500 urls left 2,000-4,512 rows; Milvus reports the same for its servers, milvus-io/milvus#38947). Writes
-    of different urls still run side by side. This covers the writes that go through one API process."""
+    (Milvus Lite's engine did, six concurrent restores of the same 1,500 urls left 2,000-4,512 rows; reported
+    for Milvus 2.5 servers, milvus-io/milvus#38947). Writes of different urls still run side by side. This
+    covers the writes that go through one API process (README "Milvus": what two API processes did)."""
     be = backend(request)
     urls = [job.url] if job.kind is JobKind.ADD else [r["url"] for r in job.rows or ()]
     if not urls:

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Idios at scale on a real Milvus server, beside Milvus Lite: restore, search, dump and recall through the API.
+
+    python scripts/bench_milvus.py [--rows 100000] [--searches 60] [--efs 16,32,64,128] [--skip lite] [--json F]
+
+Starts a Milvus 2.3.5 standalone server (scripts/milvus_standalone.py, the `milvus` package of
+requirements/dev.txt) and the distributed deployment on it (`api` + one `worker` over the local RabbitMQ),
+restores `--rows` random unit vectors of 512 values through the API, waits for the HNSW index, then measures:
+search by indexed url and by text (p50/p95; the bare text tower's own time beside), dump (cursor pages),
+recall@10 of the service's answers against the exact top-10 (numpy over the same vectors), recall and latency
+of the bare server at each ef in --efs, the bare server's insert rate (the floor under restore), Milvus's RSS
+and disk. Then the same restore/search/dump on the embedded deployment (Milvus Lite), unless --skip lite.
+The model is the toy thumb model widened to 512 values (its text tower knows four colour words): the store's
+work depends on the dimension, not on what made the vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench_deploy as deploy  # noqa: E402
+import make_thumb_model  # noqa: E402
+from benchmark import dump, latencies, measure_text, note, post_ok, quantiles_ms  # noqa: E402
+from milvus_standalone import MILVUS_VERSION, MilvusStandalone  # noqa: E402
+
+from idios.models import discover  # noqa: E402
+from idios.settings import Settings  # noqa: E402
+from idios.store import create_collection  # noqa: E402
+
+DIM = 512
+MODEL = "thumb512"
+RESTORE_ROWS = 10_000  # rows per restore request (the service's default limit)
+Figures = dict[str, Any]
+
+
+def unit_rows(rows: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vecs = rng.standard_normal((rows, DIM), dtype=np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return vecs
+
+
+def url(i: int) -> str:
+    return f"http://bench.invalid/r/{i:09d}"
+
+
+async def restore(base: str, vecs: np.ndarray, clients: int = 2) -> Figures:
+    """Restore every row through the API, `clients` requests at a time; bodies are encoded just before each
+    request (a million rows of JSON would not fit in memory at once), outside the timed part of that request."""
+    headers = {"Content-Type": "application/json"}
+    chunks = list(range(0, len(vecs), RESTORE_ROWS))
+    spent = 0.0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for start in chunks:
+        queue.put_nowait(start)
+
+    async def client(http: aiohttp.ClientSession) -> None:
+        nonlocal spent
+        while not queue.empty():
+            start = queue.get_nowait()
+            part = vecs[start : start + RESTORE_ROWS]
+            body = orjson.dumps([{"url": url(start + i), "metadata": {"i": start + i}, "embedding": v}
+                                 for i, v in enumerate(part)], option=orjson.OPT_SERIALIZE_NUMPY)
+            t = time.perf_counter()
+            await post_ok(http, f"{base}/models/{MODEL}/restore", data=body, headers=headers)
+            spent += time.perf_counter() - t
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {"rows": len(vecs), "rows_per_s": len(vecs) / wall, "clients": clients}
+
+
+def exact_top10(vecs: np.ndarray, queries: np.ndarray) -> list[set[int]]:
+    out = []
+    for q in queries:
+        scores = vecs @ q
+        top = np.argpartition(-scores, 10)[:10]
+        out.append(set(int(i) for i in top))
+    return out
+
+
+def recall(found: list[list[int]], exact: list[set[int]]) -> float:
+    return float(np.mean([len(set(f[:10]) & e) / 10 for f, e in zip(found, exact, strict=True)]))
+
+
+async def search_phase(base: str, vecs: np.ndarray, n: int, seed: int = 5) -> Figures:
+    """Search by indexed url (one request at a time) and by text; recall@10 of the indexed-url answers."""
+    rng = np.random.default_rng(seed)
+    picks = [int(i) for i in rng.integers(0, len(vecs), n + 1)]
+    api = f"{base}/models/{MODEL}/search"
+    answers: dict[int, list[int]] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        async def by_url(i: int) -> None:
+            hits = await post_ok(http, api, json={"url": url(picks[i]), "indexed": True, "limit": 10})
+            answers[i] = [int(h["url"].rsplit("/", 1)[1]) for h in hits]
+
+        out: Figures = {"indexed_url": await latencies(n, by_url)}
+        out["text"] = await latencies(n, lambda i: post_ok(http, api, json={"text": "red blue", "limit": 10}))
+    order = list(range(n))
+    out["recall_at_10"] = recall([answers[i] for i in order], exact_top10(vecs, vecs[[picks[i] for i in order]]))
+    return out
+
+
+def wait_indexed(uri: str, db: str, collection: str, rows: int, timeout: float = 3600) -> float:
+    """Flush, then wait until the index covers every row; returns the seconds waited."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri, db_name=db, timeout=120)
+    start = time.perf_counter()
+    try:
+        client.flush(collection)
+        while time.perf_counter() - start < timeout:
+            info = client.describe_index(collection, "embedding")
+            if int(info.get("indexed_rows", 0)) >= rows and int(info.get("pending_index_rows", 0)) == 0:
+                break
+            time.sleep(2)
+    finally:
+        client.close()
+    return time.perf_counter() - start
+
+
+def bare_server(uri: str, db: str, collection: str, vecs: np.ndarray, efs: list[int], n: int,
+                floor_rows: int) -> Figures:
+    """The server through a bare pymilvus client: recall@10 and latency per ef on the restored collection
+    (random unit queries, the hardest case for HNSW), then the insert rate into a scratch collection."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri, db_name=db, timeout=120)
+    out: Figures = {"ef": {}}
+    try:
+        queries = unit_rows(n, seed=9)
+        exact = exact_top10(vecs, queries)
+        for ef in efs:
+            times, found = [], []
+            for q in queries:
+                t = time.perf_counter()
+                res = client.search(collection, data=[q.tolist()], limit=10, output_fields=["url"],
+                                    search_params={"metric_type": "IP", "params": {"ef": ef}},
+                                    consistency_level="Bounded")
+                times.append(time.perf_counter() - t)
+                found.append([int(h["entity"]["url"].rsplit("/", 1)[1]) for h in res[0]])
+            out["ef"][str(ef)] = {"recall_at_10": recall(found, exact)} | quantiles_ms(times)
+        create_collection(client, "floor", DIM, "HNSW")
+        extra = unit_rows(floor_rows, seed=11)
+        start = time.perf_counter()
+        for at in range(0, floor_rows, 5000):
+            client.insert("floor", [{"url": f"f{at + i}", "embedding": v, "metadata": {}}
+                                    for i, v in enumerate(extra[at : at + 5000])])
+        out["insert_rows_per_s_one_caller"] = floor_rows / (time.perf_counter() - start)
+        client.drop_collection("floor")
+    finally:
+        client.close()
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    return sum(deploy.status_mb(p, "VmRSS") for p in (pid, *deploy.children(pid)))
+
+
+def disk_mb(path: Path) -> float:
+    out = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0]) / 1024
+
+
+async def server_phases(args: argparse.Namespace, models: Path, tmp: Path, vecs: np.ndarray) -> Figures:
+    fig: Figures = {"milvus": f"{MILVUS_VERSION} standalone", "rows": len(vecs), "search_ef": args.ef}
+    with MilvusStandalone(tmp / "milvus-server") as server:
+        assert server.pid is not None
+        async with deploy.distributed(models, tmp, server.uri, workers=1, search_ef=args.ef) as svc:
+            db = svc.milvus_db
+            note(f"server: restore {len(vecs):,} rows through the API")
+            fig["restore"] = await restore(svc.url, vecs)
+            collection = discover(models)[MODEL].collection
+            note("server: waiting for the HNSW index")
+            fig["index_wait_s"] = await asyncio.to_thread(wait_indexed, server.uri, db, collection, len(vecs))
+            note("server: search")
+            fig["search"] = await search_phase(svc.url, vecs, args.searches)
+            note("server: dump")
+            fig["dump"] = await dump(svc, MODEL)
+            fig["milvus_rss_mb"] = tree_rss_mb(server.pid)
+            note("server: bare client, recall per ef and the insert floor")
+            fig["bare"] = await asyncio.to_thread(bare_server, server.uri, db, collection, vecs, args.efs,
+                                                  args.searches, min(len(vecs), 50_000))
+        fig["milvus_disk_mb"] = disk_mb(tmp / "milvus-server")
+    return fig
+
+
+async def lite_phases(args: argparse.Namespace, models: Path, tmp: Path, vecs: np.ndarray) -> Figures:
+    fig: Figures = {"milvus": "Milvus Lite (embedded serve)", "rows": len(vecs)}
+    async with deploy.embedded(models, tmp) as svc:
+        note(f"lite: restore {len(vecs):,} rows through the API")
+        fig["restore"] = await restore(svc.url, vecs)
+        note("lite: search")
+        fig["search"] = await search_phase(svc.url, vecs, args.searches)
+        note("lite: dump")
+        fig["dump"] = await dump(svc, MODEL)
+    return fig
+
+
+def table(fig: Figures) -> str:
+    lines = [f"{'':34}" + "".join(f"{k:>22}" for k in ("server", "lite") if k in fig)]
+
+    def row(name: str, get: Any) -> None:
+        cells = []
+        for k in ("server", "lite"):
+            if k in fig:
+                try:
+                    cells.append(f"{get(fig[k]):>22}")
+                except (KeyError, TypeError):
+                    cells.append(f"{'-':>22}")
+        lines.append(f"{name:34}" + "".join(cells))
+
+    row("rows", lambda f: f"{f['rows']:,}")
+    row("restore rows/s (API)", lambda f: f"{f['restore']['rows_per_s']:,.0f}")
+    row("dump rows/s (API)", lambda f: f"{f['dump']['rows_per_s']:,.0f}")
+    row("search indexed url p50/p95 ms", lambda f: "{p50_ms:.1f} / {p95_ms:.1f}".format(**f["search"]["indexed_url"]))
+    row("search text p50/p95 ms", lambda f: "{p50_ms:.1f} / {p95_ms:.1f}".format(**f["search"]["text"]))
+    row("recall@10 indexed url (API)", lambda f: f"{f['search']['recall_at_10']:.3f}")
+    s = fig.get("server", {})
+    if "bare" in s:
+        lines.append(f"bare server: insert {s['bare']['insert_rows_per_s_one_caller']:,.0f} rows/s one caller; "
+                     f"index ready {s['index_wait_s']:.0f} s after restore; RSS {s['milvus_rss_mb']:,.0f} MB; "
+                     f"disk {s['milvus_disk_mb']:,.0f} MB")
+        for ef, r in s["bare"]["ef"].items():
+            lines.append(f"bare server ef {ef:>4}: recall@10 {r['recall_at_10']:.3f} (random queries), "
+                         f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms")
+    if "text_model" in fig:
+        lines.append(f"bare text tower p50 {fig['text_model']['p50_ms']:.1f} ms")
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> Figures:
+    fig: Figures = {"meta": {"when": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+                             "loadavg_before": os.getloadavg(), "dim": DIM}}
+    vecs = unit_rows(args.rows)
+    with tempfile.TemporaryDirectory(prefix="idios-bench-milvus-") as name:
+        tmp = Path(name)
+        make_thumb_model.build(tmp / "models" / MODEL, name=MODEL, text=True, dim=DIM)
+        models = tmp / "models"
+        fig["server"] = await server_phases(args, models, tmp, vecs)
+        if "lite" not in args.skip:
+            fig["lite"] = await lite_phases(args, models, tmp, vecs)
+        spec = discover(models)[MODEL]
+        fig["text_model"] = measure_text(spec, Settings(), args.searches)
+    fig["meta"]["loadavg_after"] = os.getloadavg()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--searches", type=int, default=60)
+    p.add_argument("--ef", type=int, default=Settings().search_ef, help="IDIOS_SEARCH_EF of the service")
+    p.add_argument("--efs", default="16,32,64,128,256", help="ef values the bare server is measured at")
+    p.add_argument("--skip", default="", help="comma-separated: lite")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    args.efs = [int(e) for e in args.efs.split(",") if e.strip()]
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    fig = asyncio.run(run(args))
+    print(table(fig))
+    if args.json:
+        args.json.write_text(orjson.dumps(fig, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
