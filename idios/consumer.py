@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
@@ -79,6 +80,15 @@ class JobConsumer:
         task.add_done_callback(self._tasks.discard)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._run(message)
+        except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            # The broker went away between the job's write and its reply or ack. The write stands; the broker
+            # hands the unacked message out again once it is back (upserts by url make the replay safe).
+            log.warning("job %s not acked, the broker connection is gone (%s); it will be redelivered",
+                        message.correlation_id, exc.__class__.__name__)
+
+    async def _run(self, message: AbstractIncomingMessage) -> None:
         try:
             job = ImageJob.from_wire(orjson.loads(message.body))
         except Exception as exc:  # a poison message: never retried, kept for inspection

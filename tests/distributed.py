@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,13 +88,14 @@ class BrokerNode:
     """A RabbitMQ node of the test's own (the machine's `rabbitmq-server`, its own name, ports, config and
     data folder), so a test can stop and start a broker without touching the one on 5672."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self) -> None:
+        # rabbitmq-server drops to the rabbitmq user when started as root: its folder must be one that user can
+        # reach, so not under pytest's private basetemp. close() removes it.
+        folder = self.folder = Path(tempfile.mkdtemp(prefix="idios-rabbit-"))
+        folder.chmod(0o777)
         self.port, self.dist_port = free_port(), free_port()
         self.name = f"idios-{uuid.uuid4().hex[:8]}@localhost"
         self._proc: subprocess.Popen[bytes] | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o777)  # the server may drop to the rabbitmq user
         (folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
         (folder / "enabled_plugins").write_text("[].\n")
 
@@ -138,6 +141,10 @@ class BrokerNode:
                 os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
         self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @asynccontextmanager

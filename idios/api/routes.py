@@ -28,10 +28,9 @@ from idios.engines import Tower
 from idios.filters import metadata_filter
 from idios.messages import ImageJob, JobKind, JobResult
 from idios.models import ModelSpec
-from idios.store import KeyClaims, similarity
+from idios.store import KeyClaims, Row, similarity
 
 routes = web.RouteTableDef()
-RESTORE_JOB_ROWS = 1000
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -176,14 +175,11 @@ async def restore(request: web.Request) -> web.Response:
         parsed = await be.restore_bodies.parse(raw, spec.name, spec.dim, be.settings.max_bulk_items)
     except Refused as refused:
         return json_response(refused.body, status=refused.status)
-    # a url given twice kept its last row, so the jobs below never share a url and can run at once
-    rows = [{"url": url, "metadata": meta, "embedding": vec}
-            for url, meta, vec in zip(parsed.urls, parsed.metadata, parsed.matrix, strict=True)]
-    rid = request_id(request)
-    await asyncio.gather(*(
-        run_job(request, ImageJob(JobKind.RESTORE, spec.name, rows=rows[i : i + RESTORE_JOB_ROWS], request_id=rid))
-        for i in range(0, len(rows), RESTORE_JOB_ROWS)
-    ))
+    # Restored rows need no model, so the API writes them itself, holding their urls as every write it sends
+    # does (run_job). Sent through RabbitMQ to a worker instead, 100k rows went at 3.8k rows/s on the server.
+    rows = [Row(url, vec, meta) for url, meta, vec in zip(parsed.urls, parsed.metadata, parsed.matrix, strict=True)]
+    async with be.writing.setdefault(spec.name, KeyClaims()).claim(parsed.urls):
+        await be.store.upsert(spec.name, rows)
     return no_content()
 
 
