@@ -7,7 +7,6 @@ import asyncio
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 from PIL import Image
+
+from milvus_standalone import free_port  # noqa: F401  (one helper, re-exported for tests and benchmark)
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("IDIOS_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -61,12 +62,6 @@ async def image_server(pool: list[bytes]) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def status_mb(pid: int, field: str) -> float:
