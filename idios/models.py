@@ -100,8 +100,8 @@ def load_manifest(folder: Path) -> ModelSpec:
         dim=int(raw["dim"]),
         image_size=int(raw["image_size"]),
         resize=resize,
-        mean=mean,  # type: ignore[arg-type]
-        std=std,  # type: ignore[arg-type]
+        mean=mean,
+        std=std,
         visual=visual,
         text=text,
         random_weights=bool(raw.get("random_weights", False)),

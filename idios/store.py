@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pymilvus import AsyncMilvusClient, DataType, MilvusClient
 
-from idios import errors
+from idios import errors, milvus_rows
 from idios.filters import url_after, url_in
 from idios.models import ModelSpec
 from idios.settings import Settings
@@ -347,19 +347,27 @@ class CollectionStore:
         return len(rows)
 
     async def _write_chunk(self, name: str, claims: KeyClaims, chunk: list[tuple[str, Row]]) -> None:
-        data = [{"url": key, "embedding": np.asarray(r.embedding, dtype=np.float32), "metadata": r.metadata or {}}
-                for key, r in chunk]
-        async with claims.claim(key for key, _ in chunk), self._write_gate:
+        keys = [key for key, _ in chunk]
+        matrix = np.stack([np.asarray(r.embedding, dtype=np.float32) for _, r in chunk])
+        metadata = [r.metadata or {} for _, r in chunk]
+        timeout = self._settings.milvus_timeout
+
+        async def put(rows: list[int], upsert: bool) -> int:
+            return await milvus_rows.write(self.client, name, [keys[i] for i in rows], matrix[rows],
+                                           [metadata[i] for i in rows], upsert=upsert, timeout=timeout)
+
+        async with claims.claim(keys), self._write_gate:
+            everything = list(range(len(keys)))
             if not self._sole_writer:
-                await self._write(lambda: self.client.upsert(name, data))
+                await self._write(lambda: put(everything, upsert=True))
                 self._wrote(name)
                 return
-            stored = await self._stored_keys(name, [key for key, _ in chunk])
-            fresh = [d for d in data if d["url"] not in stored]
+            stored = await self._stored_keys(name, keys)
+            fresh = [i for i in everything if keys[i] not in stored]
             if fresh:
-                await self.client.insert(name, fresh)
-            if len(fresh) < len(data):
-                await self.client.upsert(name, [d for d in data if d["url"] in stored])
+                await put(fresh, upsert=False)
+            if len(fresh) < len(keys):
+                await put([i for i in everything if keys[i] in stored], upsert=True)
 
     async def _stored_keys(self, name: str, keys: list[str]) -> set[str]:
         res = await self._read(self.client.query(name, filter=url_in(keys), output_fields=["url"],

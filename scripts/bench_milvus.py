@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ import make_thumb_model  # noqa: E402
 from benchmark import dump, latencies, measure_text, note, post_ok, quantiles_ms  # noqa: E402
 from milvus_standalone import MILVUS_VERSION, MilvusStandalone  # noqa: E402
 
+from idios import milvus_rows  # noqa: E402
 from idios.models import discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
 from idios.store import create_collection  # noqa: E402
@@ -45,6 +47,7 @@ from idios.store import create_collection  # noqa: E402
 DIM = 512
 MODEL = "thumb512"
 RESTORE_ROWS = 10_000  # rows per restore request (the service's default limit)
+REPEAT_ROWS = 20_000  # rows restored a second time with numbers for embeddings, beside base64
 Figures = dict[str, Any]
 
 
@@ -80,9 +83,25 @@ def url(i: int) -> str:
     return f"http://bench.invalid/r/{i:09d}"
 
 
-async def restore(base: str, vecs: np.ndarray, clients: int = 2) -> Figures:
+def restore_body(vecs: np.ndarray, start: int, encoding: str) -> bytes:
+    """One restore request: numbers (the original format) or base64 embeddings (encoding_format "base64")."""
+    if encoding == "base64":
+        raw = np.ascontiguousarray(vecs, dtype="<f4").tobytes()
+        width = vecs.shape[1] * 4
+        return orjson.dumps([{"url": url(start + i), "metadata": {"i": start + i},
+                              "embedding": base64.b64encode(raw[i * width : (i + 1) * width]).decode()}
+                             for i in range(len(vecs))])
+    return orjson.dumps([{"url": url(start + i), "metadata": {"i": start + i}, "embedding": v}
+                         for i, v in enumerate(vecs)], option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def restore(svc: deploy.Deployment, vecs: np.ndarray, encoding: str, clients: int = 2,
+                  server_pid: int | None = None) -> Figures:
     """Restore every row through the API, `clients` requests at a time; bodies are encoded just before each
-    request (a million rows of JSON would not fit in memory at once), so the wall time includes the encoding."""
+    request (a million rows of JSON would not fit in memory at once), so the wall time includes the encoding.
+    CPU seconds per 10,000 rows are counted for the service's processes, the Milvus server and this client: on a
+    small machine they share the cores, and their sum over the wall time says whether the cores were the limit."""
+    base = svc.url
     headers = {"Content-Type": "application/json"}
     queue: asyncio.Queue[int] = asyncio.Queue()
     for start in range(0, len(vecs), RESTORE_ROWS):
@@ -91,16 +110,38 @@ async def restore(base: str, vecs: np.ndarray, clients: int = 2) -> Figures:
     async def client(http: aiohttp.ClientSession) -> None:
         while not queue.empty():
             start = queue.get_nowait()
-            part = vecs[start : start + RESTORE_ROWS]
-            body = orjson.dumps([{"url": url(start + i), "metadata": {"i": start + i}, "embedding": v}
-                                 for i, v in enumerate(part)], option=orjson.OPT_SERIALIZE_NUMPY)
+            body = restore_body(vecs[start : start + RESTORE_ROWS], start, encoding)
             await post_ok(http, f"{base}/models/{MODEL}/restore", data=body, headers=headers)
 
+    def cpu() -> tuple[float, float, float]:
+        milvus = tree_cpu(server_pid) if server_pid else 0.0
+        return svc.cpu(), milvus, time.process_time()
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as http:
+        before = cpu()
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - start
-    return {"rows": len(vecs), "rows_per_s": len(vecs) / wall, "clients": clients}
+        used = [b - a for a, b in zip(before, cpu(), strict=True)]
+    per = 10_000 / len(vecs)
+    return {"rows": len(vecs), "rows_per_s": len(vecs) / wall, "clients": clients, "encoding": encoding,
+            "cpu_s_per_10k": {"service": used[0] * per, "milvus": used[1] * per, "client": used[2] * per},
+            "cores_busy": sum(used) / wall}
+
+
+async def restore_and_dump(svc: deploy.Deployment, vecs: np.ndarray, fig: Figures, where: str,
+                           clients: int, server_pid: int | None = None) -> None:
+    """Restore in base64 (every row), then again in numbers (the first REPEAT_ROWS rows, replacing themselves:
+    the same upserts on a server), and dump in both encodings."""
+    note(f"{where}: restore {len(vecs):,} rows through the API, base64 embeddings")
+    fig["restore"] = await restore(svc, vecs, "base64", clients, server_pid)
+    fig["restore_float"] = await restore(svc, vecs[:REPEAT_ROWS], "float", clients, server_pid)
+
+
+async def dumps(svc: deploy.Deployment, fig: Figures, where: str) -> None:
+    note(f"{where}: dump, base64 and numbers")
+    fig["dump"] = await dump(svc, MODEL, encoding="base64")
+    fig["dump_float"] = await dump(svc, MODEL, encoding="float")
 
 
 def exact_top10(vecs: np.ndarray, queries: np.ndarray) -> list[set[int]]:
@@ -180,10 +221,37 @@ def bare_server(uri: str, db: str, collection: str, vecs: np.ndarray, efs: list[
             client.insert("floor", [{"url": f"f{at + i}", "embedding": v, "metadata": {}}
                                     for i, v in enumerate(extra[at : at + 5000])])
         out["insert_rows_per_s_one_caller"] = floor_rows / (time.perf_counter() - start)
+        out["insert_rows_per_s_packed"] = asyncio.run(packed_inserts(uri, db, "floor", extra))
         client.drop_collection("floor")
     finally:
         client.close()
     return out
+
+
+async def packed_inserts(uri: str, db: str, collection: str, vecs: np.ndarray, step: int = 1000) -> float:
+    """The same rows inserted again as the service writes them (idios.milvus_rows, chunks of 1,000, four at
+    once): the server's floor under a restore, without pymilvus's row packing."""
+    from pymilvus import AsyncMilvusClient
+
+    client = AsyncMilvusClient(uri, db_name=db, timeout=120)
+    gate = asyncio.Semaphore(4)
+
+    async def chunk(at: int) -> None:
+        async with gate:
+            part = vecs[at : at + step]
+            await milvus_rows.write(client, collection, [f"p{at + i}" for i in range(len(part))], part,
+                                    [{}] * len(part), upsert=False, timeout=120)
+
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(chunk(at) for at in range(0, len(vecs), step)))
+        return len(vecs) / (time.perf_counter() - start)
+    finally:
+        await client.close()
+
+
+def tree_cpu(pid: int) -> float:
+    return sum(deploy.cpu_seconds(p) for p in (pid, *deploy.children(pid)))
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -201,15 +269,13 @@ async def server_phases(args: argparse.Namespace, models: Path, tmp: Path, vecs:
         assert server.pid is not None
         async with deploy.distributed(models, tmp, server.uri, workers=1, search_ef=args.ef) as svc:
             db = svc.milvus_db
-            note(f"server: restore {len(vecs):,} rows through the API")
-            fig["restore"] = await restore(svc.url, vecs)
+            await restore_and_dump(svc, vecs, fig, "server", args.restore_clients, server.pid)
             collection = discover(models)[MODEL].collection
             note("server: waiting for the HNSW index")
             fig["index_wait_s"] = await asyncio.to_thread(wait_indexed, server.uri, db, collection, len(vecs))
             note("server: search")
             fig["search"] = await search_phase(svc.url, vecs, args.searches)
-            note("server: dump")
-            fig["dump"] = await dump(svc, MODEL)
+            await dumps(svc, fig, "server")
             fig["milvus_rss_mb"] = tree_rss_mb(server.pid)
             note("server: bare client, recall per ef and the insert floor")
             fig["bare"] = await asyncio.to_thread(bare_server, server.uri, db, collection, vecs, args.efs,
@@ -221,12 +287,10 @@ async def server_phases(args: argparse.Namespace, models: Path, tmp: Path, vecs:
 async def lite_phases(args: argparse.Namespace, models: Path, tmp: Path, vecs: np.ndarray) -> Figures:
     fig: Figures = {"milvus": "Milvus Lite (embedded serve)", "rows": len(vecs)}
     async with deploy.embedded(models, tmp) as svc:
-        note(f"lite: restore {len(vecs):,} rows through the API")
-        fig["restore"] = await restore(svc.url, vecs)
+        await restore_and_dump(svc, vecs, fig, "lite", args.restore_clients)
         note("lite: search")
         fig["search"] = await search_phase(svc.url, vecs, args.searches)
-        note("lite: dump")
-        fig["dump"] = await dump(svc, MODEL)
+        await dumps(svc, fig, "lite")
     return fig
 
 
@@ -244,14 +308,20 @@ def table(fig: Figures) -> str:
         lines.append(f"{name:34}" + "".join(cells))
 
     row("rows", lambda f: f"{f['rows']:,}")
-    row("restore rows/s (API)", lambda f: f"{f['restore']['rows_per_s']:,.0f}")
-    row("dump rows/s (API)", lambda f: f"{f['dump']['rows_per_s']:,.0f}")
+    row("restore rows/s (API), base64", lambda f: f"{f['restore']['rows_per_s']:,.0f}")
+    row("restore rows/s (API), numbers", lambda f: f"{f['restore_float']['rows_per_s']:,.0f}")
+    row("restore CPU s/10k: svc/milvus/client", lambda f: "{service:.2f} / {milvus:.2f} / {client:.2f}".format(
+        **f["restore"]["cpu_s_per_10k"]))
+    row("restore cores busy (of {})".format(os.cpu_count()), lambda f: f"{f['restore']['cores_busy']:.2f}")
+    row("dump rows/s (API), base64", lambda f: f"{f['dump']['rows_per_s']:,.0f}")
+    row("dump rows/s (API), numbers", lambda f: f"{f['dump_float']['rows_per_s']:,.0f}")
     row("search indexed url p50/p95 ms", lambda f: "{p50_ms:.1f} / {p95_ms:.1f}".format(**f["search"]["indexed_url"]))
     row("search text p50/p95 ms", lambda f: "{p50_ms:.1f} / {p95_ms:.1f}".format(**f["search"]["text"]))
     row("recall@10 indexed url (API)", lambda f: f"{f['search']['recall_at_10']:.3f}")
     s = fig.get("server", {})
     if "bare" in s:
-        lines.append(f"bare server: insert {s['bare']['insert_rows_per_s_one_caller']:,.0f} rows/s one caller; "
+        lines.append(f"bare server: insert {s['bare']['insert_rows_per_s_one_caller']:,.0f} rows/s one pymilvus caller, "
+                     f"{s['bare']['insert_rows_per_s_packed']:,.0f} rows/s packed (4 x 1,000 rows at once); "
                      f"index ready {s['index_wait_s']:.0f} s after restore; RSS {s['milvus_rss_mb']:,.0f} MB; "
                      f"disk {s['milvus_disk_mb']:,.0f} MB")
         for ef, r in s["bare"]["ef"].items():
@@ -285,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--searches", type=int, default=60)
     p.add_argument("--ef", type=int, default=Settings().search_ef, help="IDIOS_SEARCH_EF of the service")
     p.add_argument("--efs", default="16,32,64,128,256", help="ef values the bare server is measured at")
+    p.add_argument("--restore-clients", type=int, default=2, help="restore requests in flight")
     p.add_argument("--skip", default="", help="comma-separated: lite")
     p.add_argument("--data", choices=("clustered", "random"), default="clustered",
                    help="rows in groups, as embeddings come (default), or uniform random unit rows (worst case)")

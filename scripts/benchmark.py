@@ -384,13 +384,13 @@ async def restore(svc: deploy.Deployment, model: str, rows: int, dim: int) -> Fi
     return {"rows": rows, "rows_per_s": rows / seconds, "mb_per_s": sum(map(len, bodies)) / 1e6 / seconds}
 
 
-async def dump(svc: deploy.Deployment, model: str) -> Figures:
-    """Page through every row by cursor."""
+async def dump(svc: deploy.Deployment, model: str, encoding: str = "float") -> Figures:
+    """Page through every row by cursor, embeddings as numbers or base64 (encoding_format)."""
     total, cursor = 0, None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
         start = time.perf_counter()
         while True:
-            body: dict[str, Any] = {"limit": DUMP_PAGE} | ({"cursor": cursor} if cursor else {})
+            body: dict[str, Any] = {"limit": DUMP_PAGE, "encoding_format": encoding} | ({"cursor": cursor} if cursor else {})
             page = await post_ok(http, f"{svc.url}/models/{model}/dump", json=body)
             if not page:
                 break

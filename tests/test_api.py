@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,47 @@ async def test_restore_dump_round_trip_is_exact(service: Service, uniq: str) -> 
     for want, have in zip(rows, got, strict=True):
         assert have["metadata"] == want["metadata"]
         assert np.array_equal(np.float32(have["embedding"]), np.float32(want["embedding"]))
+
+
+def b64(vec: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+
+
+async def test_base64_embeddings_restore_and_dump_bit_for_bit(service: Service, uniq: str) -> None:
+    """encoding_format "base64": restore takes embeddings as base64 of little-endian float32 (mixed with numbers
+    in one body, large bodies in the helper process too), and dump gives them back so, the same bits."""
+    rng = np.random.default_rng(11)
+    prefix = f"http://b64.test/{uniq}/"
+    vecs = rng.standard_normal((1500, 192)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    rows = [{"url": f"{prefix}{i:04d}", "metadata": {"i": i}, "embedding": b64(v) if i % 3 else v.tolist()}
+            for i, v in enumerate(vecs)]
+    for body in (orjson.dumps(rows[:30]), orjson.dumps(rows)):  # in place, then in the helper process
+        assert (await post_bytes(service, "/models/thumb_grid/restore", body))[0] == 204
+    assert service.backend.restore_bodies.started
+    status, page = await post(service, "/models/thumb_grid/dump",
+                              {"cursor": prefix, "limit": 1500, "encoding_format": "base64"})
+    assert status == 200 and [r["url"] for r in page] == [r["url"] for r in rows]
+    assert all(isinstance(r["embedding"], str) for r in page)
+    got = np.stack([np.frombuffer(base64.b64decode(r["embedding"]), dtype="<f4") for r in page])
+    assert np.array_equal(got, vecs) and [r["metadata"]["i"] for r in page] == list(range(1500))
+    async with service.http.get(f"{service.url}/models/thumb_grid/dump",
+                                params={"cursor": prefix, "limit": 2, "encoding_format": "base64"}) as resp:
+        assert resp.status == 200 and (await resp.json())[1]["embedding"] == b64(vecs[1])
+    _, numbers = await post(service, "/models/thumb_grid/dump", {"cursor": prefix, "limit": 2})
+    assert np.array_equal(np.float32(numbers[1]["embedding"]), vecs[1])
+
+    def refused(embedding: Any) -> list[dict[str, Any]]:
+        return [{"url": prefix + "ok", "embedding": b64(vecs[0])}, {"url": prefix + "bad", "embedding": embedding}]
+
+    for embedding, kind in (("not base64!", "base64_invalid"), (b64(vecs[0])[:-4], "base64_invalid"),
+                            (b64(vecs[0][:191]), "value_error.dimension"), ("", "value_error.dimension")):
+        status, body = await post(service, "/models/thumb_grid/restore", refused(embedding))
+        assert status == 422, embedding
+        assert body["detail"][0]["loc"] == ["body", 1, "embedding"] and body["detail"][0]["type"] == kind, body
+    status, body = await post(service, "/models/thumb_grid/dump", {"encoding_format": "hex"})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "encoding_format"]
+    assert (await post(service, "/models/thumb_grid/urls", {"encoding_format": "base64"}))[0] == 422
 
 
 async def test_restore_replaces_stored_rows_and_the_last_repeat_wins(service: Service, uniq: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import json
 import os
@@ -285,7 +286,19 @@ async def test_dump_restore_round_trip_into_an_empty_service(
         assert np.array_equal(np.float32(got["embedding"]), np.float32(row["embedding"]))
     # the dump format is the original's: one JSON list of {url, embedding, metadata} per file
     assert set(json.loads((first / "page-00000.json").read_text())[0]) == {"url", "embedding", "metadata"}
-    assert (await script("dump.py", third, *service_args(service), "--page-size", "4096")).summary["pages"] == 1
+    d3 = (await script("dump.py", third, *service_args(service), "--page-size", "4096")).summary
+    assert d3["rows"] == await count(service) and d3["pages"] == -(-d3["rows"] // 4096)
+    # --base64: embeddings as base64 of float32, the same values; restore.py sends such files as they are
+    packed, again = tmp_path / "b64", tmp_path / "again"
+    assert (await script("dump.py", packed, *service_args(empty_service), "--base64", "--page-size", "16")).rc == 0
+    as_b64 = dumped_rows(packed)
+    assert all(isinstance(row["embedding"], str) for row in as_b64)
+    assert [{**r, "embedding": None} for r in as_b64] == [{**r, "embedding": None} for r in dumped_rows(first)]
+    assert np.array_equal(np.stack([np.frombuffer(base64.b64decode(r["embedding"]), "<f4") for r in as_b64]),
+                          np.float32([r["embedding"] for r in dumped_rows(first)]))
+    assert (await script("restore.py", packed, *service_args(service))).summary["rows"] == total
+    assert (await script("dump.py", again, *service_args(service), "--page-size", "16")).rc == 0
+    assert dumped_rows(again) == dumped_rows(first)
 
 
 def unit(v: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The service's code stays type-clean: mypy over idios/ with the project's settings (pyproject.toml)."""
+"""The service's code stays type-clean: mypy --strict over idios/ (pyproject.toml sets strict)."""
 
 from __future__ import annotations
 

@@ -65,7 +65,8 @@ class BulkResult(BaseModel):
 
 class DumpRow(BaseModel):
     url: str
-    embedding: list[float]
+    embedding: list[float] | str = Field(
+        description='numbers, or with encoding_format "base64" the little-endian float32 values as base64')
     metadata: dict[str, Any] | None
 
 
@@ -206,7 +207,8 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
             {"200": json_answer(ref(BulkResult), "what happened to each url"), **JOB_ERRORS},
             request=body({"type": "array", "maxItems": bulk, "items": ref(AddRequest)}))},
         "/models/{model}/restore": {"post": op(
-            "Store rows with their embeddings", f"As dumped; no image is fetched. At most {bulk} rows.",
+            "Store rows with their embeddings",
+            f"As dumped (numbers or base64 embeddings, mixed as one likes); no image is fetched. At most {bulk} rows.",
             {**NO_CONTENT, **JOB_ERRORS}, request=body({"type": "array", "maxItems": bulk, "items": ref(RestoreItem)}),
             tag="rows")},
         "/models/{model}/search": {"post": op(

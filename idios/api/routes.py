@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from typing import Any
 
@@ -234,6 +235,9 @@ async def _page(request: web.Request, with_data: bool) -> web.Response:
     req = parse(DumpRequest if with_data else PageRequest, data)
     rows = await backend(request).store.page(spec.name, req.cursor, req.limit, with_data)
     if with_data:
+        if isinstance(req, DumpRequest) and req.encoding_format == "base64":
+            for row in rows:
+                row["embedding"] = base64.b64encode(np.asarray(row["embedding"], dtype="<f4").tobytes()).decode()
         return json_response(rows)
     return json_response([r["url"] for r in rows])
 
