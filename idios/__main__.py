@@ -9,12 +9,10 @@ import sys
 from pathlib import Path
 
 import orjson
-from idios.api.app import create_app, serve_http
-from idios.api.backend import distributed_backend, embedded_backend, require_distributed
 from idios.engines import check_names
 from idios.engines.onnxruntime import providers_for
 from idios.memory import fix_mmap_threshold
-from idios.settings import Settings, add_arguments, from_args
+from idios.settings import Settings, add_arguments, from_args, require_distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "api":
         require_distributed(settings)
+    from idios.api.app import create_app, serve_http  # not imported by a worker
+    from idios.composition import distributed_backend, embedded_backend
+
     factory = embedded_backend if args.command == "serve" else distributed_backend
     asyncio.run(serve_http(create_app(settings, factory), settings))
 

@@ -6,20 +6,24 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from idios import errors
-from idios.messages import ImageJob, JobResult
+from idios.messages import BusJob, JobResult
 from idios.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ATTEMPT_HEADER = "x-idios-attempt"
 PUBLISH_RETRY_DELAY = 0.2
+# How long a job that failed transiently waits in the retry queue before it is back in the job queue. The
+# broker keeps the time (a queue TTL that dead-letters into the job queue), so a waiting job holds no worker's
+# prefetch slot. A queue argument like DELIVERY_LIMIT, so a constant.
+RETRY_DELAY_MS = 1000
 # Deliveries of one message (worker crashes included) before the broker dead-letters it. A queue argument:
 # every process must declare the same value, so it is a constant, not a setting.
 DELIVERY_LIMIT = 10
@@ -39,12 +43,18 @@ class Topology:
     def dead(self) -> str:
         return f"{self.prefix}.jobs.dead"
 
+    @property
+    def retry(self) -> str:
+        return f"{self.prefix}.jobs.retry"
+
     def reply(self) -> str:
         return f"{self.prefix}.reply.{uuid.uuid4().hex}"
 
     async def declare(self, channel: AbstractChannel) -> AbstractQueue:
-        """Declare the dead-letter queue and the durable job queue (idempotent)."""
+        """Declare the dead-letter queue, the retry queue and the durable job queue (idempotent)."""
         await channel.declare_queue(self.dead, durable=True)
+        await channel.declare_queue(self.retry, durable=True, arguments={
+            "x-message-ttl": RETRY_DELAY_MS, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.jobs})
         return await channel.declare_queue(
             self.jobs,
             durable=True,
@@ -66,7 +76,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     )
 
 
-def job_message(job: ImageJob, correlation_id: str, reply_to: str, attempt: int = 1) -> aio_pika.Message:
+def job_message(job: BusJob, correlation_id: str, reply_to: str, attempt: int = 1) -> aio_pika.Message:
     return aio_pika.Message(
         orjson.dumps(job.to_wire(), option=orjson.OPT_SERIALIZE_NUMPY),
         content_type="application/json",
@@ -117,7 +127,7 @@ class AmqpBus:
         except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
             fut.set_exception(errors.WorkerFailure(f"unreadable reply from a worker: {exc}"))
 
-    async def request(self, job: ImageJob) -> JobResult:
+    async def request(self, job: BusJob) -> JobResult:
         cid = uuid.uuid4().hex
         fut: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
@@ -133,15 +143,16 @@ class AmqpBus:
             self._pending.pop(cid, None)
 
     async def _publish(self, message: aio_pika.Message) -> None:
-        """Publish with a broker confirm, retrying while the robust connection reconnects."""
+        """Publish with a broker confirm, retrying while the robust connection reconnects (within the job's
+        timeout); any other failure, a refusal by the broker included, is answered at once."""
         while True:
             try:
                 assert self._channel is not None
                 await self._channel.default_exchange.publish(message, routing_key=self._topology.jobs)
                 return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # connection or channel lost mid-reconnect
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise errors.Unavailable(f"the broker refused the job: {exc.__class__.__name__}: {exc}") from exc
                 log.warning("publish failed (%s: %s); retrying", exc.__class__.__name__, exc)
                 await asyncio.sleep(PUBLISH_RETRY_DELAY)
 
@@ -153,5 +164,10 @@ class AmqpBus:
         return queue.declaration_result.message_count
 
 
-def describe(data: dict[str, Any]) -> str:
-    return f"{data.get('type')}: {data.get('message')}"
+def connection_lost(exc: BaseException) -> bool:
+    """The connection or channel is gone (the robust connection is reconnecting), as opposed to a refusal."""
+    if isinstance(exc, (ConnectionError, aiormq.exceptions.AMQPConnectionError,
+                        aiormq.exceptions.ChannelInvalidStateError, aio_pika.exceptions.ChannelClosed)):
+        return True
+    return isinstance(exc, RuntimeError) and "closed" in str(exc).lower()
+

@@ -47,16 +47,19 @@ class MicroBatcher(Generic[T, R]):
         self.batches = 0
         self.items = 0
         self._observe = observe
+        self._collected: list[tuple[T, asyncio.Future[R]]] = []  # the batch being collected or processed
+        self._died: BaseException | None = None  # why the loop stopped, if it stopped by itself
 
     async def __aenter__(self) -> MicroBatcher[T, R]:
-        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+        self._task = asyncio.create_task(self._supervised(), name=f"batcher-{self.name}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
-        """Stop the actor; callers still waiting get a CancelledError-free RuntimeError."""
+        """Stop the actor; every caller still waiting (queued, or in a batch already collected) gets a
+        RuntimeError rather than waiting forever."""
         if self._task is None:
             return
         self._task.cancel()
@@ -65,21 +68,39 @@ class MicroBatcher(Generic[T, R]):
         except asyncio.CancelledError:
             pass
         self._task = None
+        self._fail_waiting(RuntimeError(f"{self.name} is shutting down"))
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        waiting = [*self._collected]
+        self._collected = []
         while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+            waiting.append(self._queue.get_nowait())
+        for _, fut in waiting:
             if not fut.done():
-                fut.set_exception(RuntimeError(f"{self.name} is shutting down"))
+                fut.set_exception(exc)
+
+    async def _supervised(self) -> None:
+        """The loop, watched: if it dies of anything but cancellation, every waiting caller gets the error at
+        once and later submits are refused with it, instead of hanging on a batcher that no longer runs."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.exception("%s: the batching loop died", self.name)
+            self._died = exc
+            self._fail_waiting(RuntimeError(f"{self.name} stopped: {exc.__class__.__name__}: {exc}"))
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result."""
-        if self._task is None:
-            raise RuntimeError(f"{self.name} is not running")
+        if self._task is None or self._died is not None:
+            raise RuntimeError(f"{self.name} is not running" + (f": {self._died!r}" if self._died else ""))
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, fut))
         return await fut
 
     async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
-        batch = [await self._queue.get()]
+        batch = self._collected = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         expected = self._waits or (self.coming is not None and self.coming() > 0)
         deadline = loop.time() + (self.max_wait if expected else 0.0)
@@ -109,21 +130,20 @@ class MicroBatcher(Generic[T, R]):
             started = loop.time()
             try:
                 results = await self._process([item for item, _ in live])
-            except asyncio.CancelledError:
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(RuntimeError(f"{self.name} is shutting down"))
-                raise
             except Exception as exc:  # one failure answers the whole batch
                 log.exception("%s: batch of %d failed", self.name, len(live))
                 for _, fut in live:
                     if not fut.done():
                         fut.set_exception(exc)
+                self._collected = []
                 continue
+            if len(results) != len(live):
+                raise RuntimeError(f"{self.name}: {len(results)} results for a batch of {len(live)}")
             self.batches += 1
             self.items += len(live)
-            if self._observe is not None:
-                self._observe(len(live), loop.time() - started)
             for (_, fut), result in zip(live, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
+            self._collected = []
+            if self._observe is not None:
+                self._observe(len(live), loop.time() - started)

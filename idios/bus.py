@@ -6,12 +6,12 @@ import asyncio
 from typing import Protocol
 
 from idios import errors
-from idios.messages import ImageJob, JobResult
+from idios.messages import BusJob, JobResult
 from idios.worker import JobHandler
 
 
 class JobBus(Protocol):
-    async def request(self, job: ImageJob) -> JobResult:
+    async def request(self, job: BusJob) -> JobResult:
         """Send a job, wait for its result (or raise JobTimeout)."""
         ...
 
@@ -25,7 +25,7 @@ class LocalBus:
         self._slots = asyncio.Semaphore(max(1, max_in_flight))
         self._timeout = timeout
 
-    async def request(self, job: ImageJob) -> JobResult:
+    async def request(self, job: BusJob) -> JobResult:
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._slots:

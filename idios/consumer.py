@@ -12,16 +12,13 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from idios import errors
-from idios.amqp import ATTEMPT_HEADER, Topology, connect
-from idios.messages import ImageJob, JobResult
+from idios.amqp import ATTEMPT_HEADER, RETRY_DELAY_MS, Topology, connect, connection_lost
+from idios.messages import BusJob, JobResult
 from idios.settings import Settings
 from idios.worker import JobHandler
 
 log = logging.getLogger(__name__)
 
-# Failures worth another try: the worker's own trouble (Milvus hiccup, a bug hit by chance), not the input's.
-TRANSIENT = {errors.WorkerFailure.type, errors.Unavailable.type, errors.StoreUnavailable.type}
-RETRY_DELAY = 0.5
 
 
 class JobConsumer:
@@ -53,6 +50,11 @@ class JobConsumer:
         await self.drain()
 
     @property
+    def holding(self) -> int:
+        """Jobs this worker has taken from the queue and not yet acked."""
+        return len(self._tasks)
+
+    @property
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed
 
@@ -80,30 +82,39 @@ class JobConsumer:
         task.add_done_callback(self._tasks.discard)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        """One message, guarded: no failure here is left as an unobserved task exception."""
         try:
             await self._run(message)
-        except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
-            # The broker went away between the job's write and its reply or ack. The write stands; the broker
-            # hands the unacked message out again once it is back (upserts by url make the replay safe).
-            log.warning("job %s not acked, the broker connection is gone (%s); it will be redelivered",
-                        message.correlation_id, exc.__class__.__name__)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if connection_lost(exc) or isinstance(exc, aiormq.exceptions.AMQPError):
+                # The broker went away between the job's write and its reply or ack. The write stands; the
+                # broker hands the unacked message out again once it is back (upserts by url make it safe).
+                log.warning("job %s not acked, the broker connection is gone (%s); it will be redelivered",
+                            message.correlation_id, exc.__class__.__name__)
+                return
+            log.exception("job %s: replying or acking failed; requeued", message.correlation_id)
+            try:
+                await message.reject(requeue=True)
+            except Exception as again:
+                log.warning("job %s could not be requeued either (%s)", message.correlation_id, again)
 
     async def _run(self, message: AbstractIncomingMessage) -> None:
         try:
-            job = ImageJob.from_wire(orjson.loads(message.body))
+            job = BusJob.from_wire(orjson.loads(message.body))
         except Exception as exc:  # a poison message: never retried, kept for inspection
             log.error("malformed job %s dead-lettered: %s", message.correlation_id, exc)
             await self._reply(message, JobResult(error=errors.WorkerFailure(f"malformed job: {exc}").to_data()))
             await message.reject(requeue=False)
             return
         result = await self._handler.handle(job)
-        if result.error is not None and result.error.get("type") in TRANSIENT:
+        if result.error is not None and result.error.get("transient"):
             attempt = _attempt(message.headers)
             if attempt < self._settings.max_attempts:
-                log.warning("job attempt %d failed (%s); retrying", attempt, result.error["message"],
-                            extra={"request_id": job.request_id})
-                await asyncio.sleep(RETRY_DELAY * attempt)
-                await self._republish(message, attempt + 1)
+                log.warning("job attempt %d failed (%s); retrying in %.1f s", attempt, result.error["message"],
+                            RETRY_DELAY_MS / 1000, extra={"request_id": job.request_id})
+                await self._republish(message, attempt + 1)  # the retry queue holds it, not this worker
                 await message.ack()
                 return
             log.error("job failed %d times; dead-lettered: %s", attempt, result.error["message"],
@@ -125,6 +136,7 @@ class JobConsumer:
         )
 
     async def _republish(self, message: AbstractIncomingMessage, attempt: int) -> None:
+        """The job again, into the retry queue: the broker moves it back to the job queue after RETRY_DELAY_MS."""
         assert self._channel is not None
         headers = dict(message.headers or {})
         headers[ATTEMPT_HEADER] = attempt
@@ -132,7 +144,7 @@ class JobConsumer:
             aio_pika.Message(message.body, content_type=message.content_type, headers=headers,
                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                              correlation_id=message.correlation_id, reply_to=message.reply_to),
-            routing_key=self._topology.jobs,
+            routing_key=self._topology.retry,
         )
 
 

@@ -106,7 +106,7 @@ class TextRuntime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.texts.close()
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)  # a running batch finishes off the loop
 
     async def _run(self, texts: list[str]) -> list[np.ndarray]:
         return list(await asyncio.get_running_loop().run_in_executor(self._executor, self.encoder.run, texts))

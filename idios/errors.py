@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 
@@ -10,6 +12,9 @@ class IdiosError(Exception):
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
+    # A failure of the service's own (a store outage, a bug hit by chance), not of the input: a worker tries
+    # the job again, up to max_attempts (consumer.JobConsumer). Crosses the queue in to_data.
+    transient: ClassVar[bool] = False
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -21,7 +26,8 @@ class IdiosError(Exception):
 
     def to_data(self) -> dict[str, Any]:
         """Plain data, so the error can cross a queue (never pickled code)."""
-        return {"type": self.type, "status": self.status, "message": self.message, "extra": self.extra}
+        return {"type": self.type, "status": self.status, "message": self.message, "extra": self.extra,
+                "transient": self.transient}
 
 
 class FieldError(IdiosError):
@@ -85,6 +91,12 @@ class PrivateAddress(ImageError):
     type = "private_address"
 
 
+class HostNotAllowed(ImageError):
+    """An image host outside IDIOS_FETCH_HOSTS."""
+
+    type = "host_not_allowed"
+
+
 class ImageTooLarge(ImageError):
     type = "image_too_large"
 
@@ -139,6 +151,13 @@ class UnsupportedMediaType(IdiosError):
     type = "unsupported_media_type"
 
 
+class FormInvalid(IdiosError):
+    """A multipart/form-data body that cannot be parsed (no boundary, broken part headers)."""
+
+    status = 400
+    type = "form_invalid"
+
+
 class JobTimeout(IdiosError):
     status = 504
     type = "job_timeout"
@@ -147,6 +166,7 @@ class JobTimeout(IdiosError):
 class Unavailable(IdiosError):
     status = 503
     type = "unavailable"
+    transient = True
 
 
 class StoreUnavailable(Unavailable):
@@ -158,6 +178,7 @@ class StoreUnavailable(Unavailable):
 class WorkerFailure(IdiosError):
     status = 500
     type = "worker_error"
+    transient = True
 
 
 def _all_subclasses(cls: type[IdiosError]) -> list[type[IdiosError]]:
@@ -183,3 +204,16 @@ def from_data(data: dict[str, Any]) -> IdiosError:
         loc = extra.pop("loc", None)
         return cls(message, loc=tuple(loc) if loc else None, **extra)
     return cls(message, **extra)
+
+
+@contextmanager
+def first_failure() -> Iterator[None]:
+    """Around an asyncio.TaskGroup: its failure surfaces as the first task's exception (say a 503 or a 422 that
+    names one input), not as an ExceptionGroup the error middleware would answer with a 500."""
+    try:
+        yield
+    except ExceptionGroup as group:
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        raise exc from None

@@ -10,7 +10,7 @@ from yarl import URL
 
 from idios import errors
 from idios.metrics import Metrics
-from idios.netguard import AddressPolicy, BlockedAddress, GuardedResolver, literal_address
+from idios.netguard import AddressPolicy, BlockedAddress, GuardedResolver, HostAllowlist, literal_address
 from idios.settings import Settings
 
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -28,6 +28,7 @@ class ImageFetcher:
         self._semaphore = asyncio.Semaphore(settings.fetch_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._policy = AddressPolicy(settings.allow_private_urls, settings.private_allowlist)
+        self._hosts = HostAllowlist(settings.fetch_hosts)
 
     async def __aenter__(self) -> ImageFetcher:
         s = self._settings
@@ -91,6 +92,8 @@ class ImageFetcher:
     def _check_target(self, target: URL) -> None:
         if target.scheme not in ("http", "https") or not target.host:
             raise errors.InvalidUrl(f"Redirected to a URL that is not http(s): {str(target)[:200]}")
+        if not self._hosts.allows(target.host):
+            raise errors.HostNotAllowed(f"{target.host[:200]} is not among the image hosts allowed (IDIOS_FETCH_HOSTS)")
         ip = literal_address(target.host)
         if ip is not None and not self._policy.permits(ip):
             raise errors.PrivateAddress(

@@ -18,8 +18,8 @@ class JobKind(str, Enum):
 
 
 @dataclass(frozen=True)
-class ImageJob:
-    """One unit of work for a worker."""
+class BusJob:
+    """One unit of work sent over the job bus to a worker: embed or add an image, restore rows, or a ping."""
 
     kind: JobKind
     model: str = ""
@@ -42,7 +42,7 @@ class ImageJob:
         return data
 
     @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> ImageJob:
+    def from_wire(cls, data: dict[str, Any]) -> BusJob:
         image = data.get("image")
         return cls(
             kind=JobKind(data["kind"]),

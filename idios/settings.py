@@ -89,6 +89,9 @@ class Settings:
     private_allowlist: str = field(
         default="", metadata={"help": "comma-separated CIDRs or host names allowed although private"}
     )
+    fetch_hosts: str = field(default="", metadata={
+        "help": "comma-separated hosts images may be fetched from (*.example.org for its subdomains), checked on "
+                "every redirect before any DNS lookup; empty = any host"})
     api_keys: str = field(
         default="", metadata={"help": "comma-separated API keys; KEY:ro for read-only (empty = no keys needed)"}
     )
@@ -172,3 +175,12 @@ def from_args(namespace: argparse.Namespace, environ: Mapping[str, str] | None =
     """Settings from the environment, overridden by any flag given on the command line."""
     names = {f.name for f in fields(Settings)}
     return Settings.from_env(environ, **{k: v for k, v in vars(namespace).items() if k in names})
+
+
+def require_distributed(settings: Settings) -> None:
+    """The split deployment needs a broker and a Milvus that every process can reach."""
+    if not settings.amqp_url:
+        raise SystemExit("idios api/worker need IDIOS_AMQP_URL (RabbitMQ); use `python -m idios serve` for one process")
+    if settings.is_milvus_lite:
+        raise SystemExit("idios api/worker need IDIOS_MILVUS_URI (a Milvus server shared by every process); "
+                         "a Milvus Lite file can only be opened by one process")

@@ -1,12 +1,12 @@
-"""The write actor's tool and the read side: one Milvus collection per model, through AsyncMilvusClient."""
+"""The Milvus calls: one collection per model, through AsyncMilvusClient. Reads here; writes are sent from here
+but decided by the Writer (idios/writer.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -15,18 +15,17 @@ from pymilvus import AsyncMilvusClient, DataType, MilvusClient
 
 from idios import errors, milvus_rows
 from idios.filters import url_after, url_in
+from idios.limits import PAGE_MAX, URL_MAX
 from idios.models import ModelSpec
 from idios.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-URL_MAX = 2083
-QUERY_WINDOW = 16384  # Milvus caps offset + limit of one query
 ROWS_PER_QUERY = 500  # rows fetched by primary key per query when a page carries vectors
+INDEX_WAIT = 10.0  # seconds a starting process waits for another one's new index (CollectionStore._load)
 PARALLEL_QUERIES = 4  # of those queries at once
 EXACT_FILTER_ROWS = 4096  # a filtered search over at most this many rows reads and ranks them (_filtered_exactly)
-PARALLEL_WRITES = 4  # writes to a Milvus Lite file at once (its engine inserts ~6k rows/s for one caller, ~10k for 2-4)
 # gRPC's own reconnect backoff grows to 120 s, so a client found the restarted server up to two minutes late
 RECONNECT = {"grpc.initial_reconnect_backoff_ms": 250, "grpc.min_reconnect_backoff_ms": 250,
              "grpc.max_reconnect_backoff_ms": 2000}
@@ -97,67 +96,6 @@ _UNAVAILABLE = ("unavailable", "fail connecting", "not ready", "deadline_exceede
                 "connection refused", "not healthy", "channel closed", "stopping", "not loaded")
 
 
-class Settler:
-    """Makes this process's writes searchable before they are answered, one Milvus wait shared by many.
-
-    Strong reads on a Milvus server wait for the server's clock (365 ms for a top-10 search here); Bounded
-    reads take 2.4 ms. So writes pay the wait instead, once per moment rather than once per read: one Strong
-    query after a write returns once the server serves everything written before it (150-400 ms measured),
-    and writers that finished before that query began share it. A Session query would wait for this
-    process's newest insert or upsert only: measured on Milvus 2.3.5, deletes (a remove, the old row of an
-    upsert) leave no timestamp in pymilvus's session, and other processes kept seeing a deleted row for the
-    5 s of Milvus's `common.gracefulTime`. A standalone server (and a cluster with one replica) serves every
-    search from one delegator per shard whose serviceable time only grows, so afterwards a search from any
-    process sees the write. README "Consistency" has the whole guarantee."""
-
-    def __init__(self, probe: Any) -> None:
-        self._probe = probe
-        self._written = 0
-        self._settled = 0
-        self._running: asyncio.Task[None] | None = None
-
-    def wrote(self) -> None:
-        self._written += 1
-
-    async def wait(self) -> None:
-        target = self._written
-        while self._settled < target:
-            if self._running is None:
-                self._running = asyncio.create_task(self._run(self._written))
-            await asyncio.shield(self._running)
-
-    async def _run(self, upto: int) -> None:
-        try:
-            await self._probe()
-        finally:
-            self._running = None
-        self._settled = max(self._settled, upto)
-
-
-class KeyClaims:
-    """The keys being written to a collection: a write waits only for the writes that share a key with it, so
-    writes of the same url happen one after another and all others side by side. Keys are checked and claimed
-    with no await in between, so on one event loop no two writes can hold the same key."""
-
-    def __init__(self) -> None:
-        self._held: dict[str, asyncio.Future[None]] = {}
-
-    @asynccontextmanager
-    async def claim(self, keys: Iterable[str]) -> AsyncIterator[None]:
-        keys = set(keys)
-        while busy := {self._held[k] for k in keys if k in self._held}:
-            await asyncio.wait(busy)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for key in keys:
-            self._held[key] = done
-        try:
-            yield
-        finally:
-            for key in keys:
-                del self._held[key]
-            done.set_result(None)
-
-
 class CollectionStore:
     """Reads and writes the per-model collections. Upserts by url make repeated writes safe."""
 
@@ -167,13 +105,8 @@ class CollectionStore:
         self._client: AsyncMilvusClient | None = None
         self._swap_quotes = settings.is_milvus_lite
         self.index_kind = settings.vector_index
-        # A Milvus Lite file is opened by this process alone, so its writes can be ordered here (see upsert).
-        self._sole_writer = settings.is_milvus_lite
-        self._claims: dict[str, KeyClaims] = {}
-        self._write_gate = asyncio.Semaphore(PARALLEL_WRITES)
-        self._metrics: dict[str, str] = {}  # collection -> the metric its index was built with
-        self._settlers: dict[str, Settler] = {}
-        # Milvus Lite answers every read with everything written; a server reads Bounded (see Settler)
+        self._metric_types: dict[str, str] = {}  # collection -> the metric its index was built with
+        # Milvus Lite answers every read with everything written; a server reads Bounded (see writer.Settler)
         self._consistency: dict[str, Any] = {} if settings.is_milvus_lite else {"consistency_level": "Bounded"}
 
     def _key(self, url: str) -> str:
@@ -190,14 +123,18 @@ class CollectionStore:
         # create/has/load calls are the ones Milvus Lite documents.
         # The sync client stays open until close: with Milvus Lite it owns the embedded server process.
         self._sync = self._connect()
-        db = {} if s.is_milvus_lite else {"db_name": self._ensure_database(s.milvus_db)}
-        if db:  # a client of that database (use_database needs DescribeDatabase, which Milvus 2.3 lacks)
+        try:
+            db = {} if s.is_milvus_lite else {"db_name": self._ensure_database(s.milvus_db)}
+            if db:  # a client of that database (use_database needs DescribeDatabase, which Milvus 2.3 lacks)
+                self._sync.close()
+                self._sync = self._connect(**db)
+            for spec in self._specs.values():
+                self._ensure_collection(self._sync, spec)
+            self._client = AsyncMilvusClient(s.milvus_target, token=s.milvus_token or "",
+                                             timeout=s.milvus_timeout, grpc_options=RECONNECT, **db)
+        except BaseException:  # a start-up that fails halfway closes what it opened (Milvus Lite's process too)
             self._sync.close()
-            self._sync = self._connect(**db)
-        for spec in self._specs.values():
-            self._ensure_collection(self._sync, spec)
-        self._client = AsyncMilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout,
-                                         grpc_options=RECONNECT, **db)
+            raise
         return self
 
     def _connect(self, **db: str) -> MilvusClient:
@@ -245,8 +182,32 @@ class CollectionStore:
             except Exception:
                 if not client.has_collection(name):  # another process may have won the race
                     raise
-        client.load_collection(name)
-        self._metrics[name] = self._stored_metric(client, name)
+        self._load(client, name)
+        self._metric_types[name] = self._stored_metric(client, name)
+
+    def _load(self, client: MilvusClient, name: str) -> None:
+        """Load a collection. Processes started together race to create it, and the winner makes its index a
+        moment after the collection (pymilvus creates, then indexes): a loser that finds the collection without
+        an index yet ("index not found", seen on the Milvus 2.3.5 server with an API and two workers starting
+        at once) waits for it, and after INDEX_WAIT seconds makes the index itself."""
+        deadline, rounds = time.monotonic() + INDEX_WAIT, 0
+        while True:
+            try:
+                client.load_collection(name)
+                return
+            except Exception as exc:
+                if "index not found" not in str(exc).lower() or rounds == 3:
+                    raise
+                if time.monotonic() > deadline:
+                    rounds += 1
+                    index = client.prepare_index_params()
+                    index.add_index("embedding", **index_args(self.index_kind))
+                    try:
+                        client.create_index(name, index)
+                    except Exception as again:  # the creator got there in between: load again
+                        log.info("index of %s: %s", name, _brief(again))
+                    deadline = time.monotonic() + INDEX_WAIT
+                time.sleep(0.2)
 
     @staticmethod
     def _stored_metric(client: MilvusClient, name: str) -> str:
@@ -301,73 +262,25 @@ class CollectionStore:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
-    async def settle(self, model: str) -> None:
-        """Return once this process's writes to `model` so far are searchable from any process (see Settler)."""
-        if self._settings.is_milvus_lite:
-            return
-        await self._settler(self._collection(model)).wait()
-
-    def _settler(self, name: str) -> Settler:
-        settler = self._settlers.get(name)
-        if settler is None:
-            async def probe() -> None:
-                await self._write(lambda: self.client.query(name, filter='url == ""', output_fields=["url"],
-                                                            limit=1, consistency_level="Strong"))
-
-            settler = self._settlers[name] = Settler(probe)
-        return settler
-
-    def _wrote(self, name: str) -> None:
-        self._settler(name).wrote()
-
-    async def upsert(self, model: str, rows: Sequence[Row], settle: bool = True) -> int:
-        """Write rows (insert or replace by url; the last of repeated urls wins), in chunks Milvus handles well.
-
-        On a Milvus Lite file, urls not yet stored are inserted and only the others upserted: Milvus Lite's upsert
-        runs at about a third of its insert rate (measured here at 100k x 512: 2.0-3.1k vs 6.7-8.6k rows/s), and
-        a restore into an empty collection is all inserts. Milvus does not keep primary keys unique on insert, so
-        the check and the insert happen while this write holds its keys (KeyClaims; the file is this process's
-        alone): writes sharing a url wait for each other, the others run side by side, up to PARALLEL_WRITES at
-        once (one writer at a time measured 6.0k rows/s of bare inserts, two or four 10.1-10.3k, at 40k x 512).
-        A Milvus server (several writers) always gets upserts, also up to PARALLEL_WRITES chunks at once; this
-        process still never upserts one url twice at once (concurrent upserts of one primary key can leave both
-        rows, see routes.run_job).
-
-        With `settle` the rows are searchable from any process on return; a caller that batches many
-        requests' rows into one write passes False and has each request await `settle` (see Settler)."""
+    async def put(self, model: str, rows: Sequence[Row], upsert: bool) -> None:
+        """Insert or upsert rows in one Milvus call, tried again while the server is unavailable (_write). The
+        rules writes follow (which rows, when, side by side with what) are the Writer's (idios/writer.py)."""
         name = self._collection(model)
-        claims = self._claims.setdefault(name, KeyClaims())
-        latest = list({self._key(r.url): r for r in rows}.items())  # the last of repeated urls wins
-        step = max(1, min(self._settings.write_batch, 1000))
-        async with asyncio.TaskGroup() as group:  # chunks share no url, so they may run side by side
-            for start in range(0, len(latest), step):
-                group.create_task(self._write_chunk(name, claims, latest[start : start + step]))
-        if settle:
-            await self.settle(model)
-        return len(rows)
+        keys = [self._key(r.url) for r in rows]
+        matrix = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in rows])
+        metadata = [r.metadata or {} for r in rows]
+        await self._write(lambda: milvus_rows.write(self.client, name, keys, matrix, metadata, upsert=upsert,
+                                                    timeout=self._settings.milvus_timeout))
 
-    async def _write_chunk(self, name: str, claims: KeyClaims, chunk: list[tuple[str, Row]]) -> None:
-        keys = [key for key, _ in chunk]
-        matrix = np.stack([np.asarray(r.embedding, dtype=np.float32) for _, r in chunk])
-        metadata = [r.metadata or {} for _, r in chunk]
-        timeout = self._settings.milvus_timeout
+    async def delete(self, model: str, url: str) -> None:
+        name = self._collection(model)
+        await self._write(lambda: self.client.delete(name, filter=url_in([self._key(url)])))
 
-        async def put(rows: list[int], upsert: bool) -> int:
-            return await milvus_rows.write(self.client, name, [keys[i] for i in rows], matrix[rows],
-                                           [metadata[i] for i in rows], upsert=upsert, timeout=timeout)
-
-        async with claims.claim(keys), self._write_gate:
-            everything = list(range(len(keys)))
-            if not self._sole_writer:
-                await self._write(lambda: put(everything, upsert=True))
-                self._wrote(name)
-                return
-            stored = await self._stored_keys(name, keys)
-            fresh = [i for i in everything if keys[i] not in stored]
-            if fresh:
-                await put(fresh, upsert=False)
-            if len(fresh) < len(keys):
-                await put([i for i in everything if keys[i] in stored], upsert=True)
+    async def wait_for_writes(self, model: str) -> None:
+        """One Strong query: returns once the server serves everything written before it (writer.Settler)."""
+        name = self._collection(model)
+        await self._write(lambda: self.client.query(name, filter='url == ""', output_fields=["url"], limit=1,
+                                                    consistency_level="Strong"))
 
     async def _stored_keys(self, name: str, keys: list[str]) -> set[str]:
         res = await self._read(self.client.query(name, filter=url_in(keys), output_fields=["url"],
@@ -397,7 +310,7 @@ class CollectionStore:
             exact = await self._filtered_exactly(name, vector, limit, expr)
             if exact is not None:
                 return [h for h in exact if min_similarity is None or h.similarity >= min_similarity]
-        params: dict[str, Any] = {"metric_type": self._metrics.get(name, METRIC)}
+        params: dict[str, Any] = {"metric_type": self._metric_types.get(name, METRIC)}
         if self.index_kind == "HNSW":
             params["params"] = {"ef": max(self._settings.search_ef, limit)}  # Milvus needs ef >= limit
         res = await self._read(self.client.search(
@@ -444,7 +357,7 @@ class CollectionStore:
         name = self._collection(model)
         expr = url_after(self._key(cursor) if cursor else None) or 'url >= ""'
         keys = await self._read(self.client.query(name, filter=expr, output_fields=["url"],
-                                                  limit=min(limit, QUERY_WINDOW), **self._consistency))
+                                                  limit=min(limit, PAGE_MAX), **self._consistency))
         ordered = sorted(r["url"] for r in keys)
         if not with_data:
             return [{"url": self._url(k)} for k in ordered]
@@ -458,8 +371,11 @@ class CollectionStore:
 
         by_key: dict[str, dict[str, Any]] = {}
         chunks = [ordered[i : i + ROWS_PER_QUERY] for i in range(0, len(ordered), ROWS_PER_QUERY)]
-        for result in await asyncio.gather(*(rows_of(c) for c in chunks)):
-            for row in result:
+        with errors.first_failure():
+            async with asyncio.TaskGroup() as group:
+                reads = [group.create_task(rows_of(c)) for c in chunks]
+        for read in reads:
+            for row in read.result():
                 by_key[row["url"]] = row
         rows = []
         for key in ordered:
@@ -467,12 +383,6 @@ class CollectionStore:
             if row is not None:  # removed between the two queries
                 rows.append({"url": self._url(key), "embedding": row["embedding"], "metadata": row["metadata"]})
         return rows
-
-    async def remove(self, model: str, url: str) -> None:
-        name = self._collection(model)
-        await self._write(lambda: self.client.delete(name, filter=url_in([self._key(url)])))
-        self._wrote(name)
-        await self.settle(model)
 
 
 def _brief(exc: BaseException) -> str:

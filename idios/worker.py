@@ -15,29 +15,35 @@ from typing import Any
 import numpy as np
 
 from idios import errors
-from idios.batcher import MicroBatcher
 from idios.decode import DecodeLimits, preprocess
 from idios.embed import ModelRuntime, load_runtimes
 from idios.fetch import ImageFetcher
-from idios.messages import ImageJob, JobKind, JobResult
+from idios.messages import BusJob, JobKind, JobResult
 from idios.metrics import Metrics
 from idios.models import ModelSpec
 from idios.settings import Settings
-from idios.store import CollectionStore, Row
+from idios.store import Row
+from idios.writer import Writer
 
 log = logging.getLogger(__name__)
+
+
+def pool(stack: AsyncExitStack, executor: ThreadPoolExecutor) -> ThreadPoolExecutor:
+    """A thread pool that `stack` shuts down in a thread: waiting for a running decode or model batch there
+    keeps the event loop free to finish everything else that is closing."""
+    stack.push_async_callback(asyncio.to_thread, executor.shutdown, wait=True)
+    return executor
 
 
 class JobHandler:
     """Runs jobs against the loaded models and the store. Build it with `JobHandler.open`."""
 
-    def __init__(self, settings: Settings, store: CollectionStore, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, writer: Writer, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.store = store
+        self.writer = writer
         self.limits = DecodeLimits(settings.min_image_side, settings.max_image_pixels)
         self.runtimes: dict[str, ModelRuntime] = {}
-        self.writers: dict[str, MicroBatcher[Row, None]] = {}
         self._fetcher: ImageFetcher | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
 
@@ -46,35 +52,21 @@ class JobHandler:
         cls,
         settings: Settings,
         specs: dict[str, ModelSpec],
-        store: CollectionStore,
+        writer: Writer,
         stack: AsyncExitStack,
         metrics: Metrics,
     ) -> JobHandler:
         """Start every actor this handler needs; `stack` closes them in reverse order."""
-        self = cls(settings, store, metrics)
-        self._decode_pool = stack.enter_context(
-            ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="idios-decode")
-        )
-        model_pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="idios-onnx"))
+        self = cls(settings, writer, metrics)
+        self._decode_pool = pool(stack, ThreadPoolExecutor(max(1, settings.decode_threads),
+                                                           thread_name_prefix="idios-decode"))
+        model_pool = pool(stack, ThreadPoolExecutor(1, thread_name_prefix="idios-onnx"))
         self.runtimes = await load_runtimes(specs, settings, model_pool, stack, metrics)
-        for name in specs:
-            self.writers[name] = await stack.enter_async_context(
-                MicroBatcher(
-                    f"write-{name}", self._writer_for(name), settings.write_batch, settings.write_wait_ms / 1000,
-                    observe=metrics.batch_observer("write", name),
-                )
-            )
+        await writer.start_batchers(specs, stack, metrics)
         self._fetcher = await stack.enter_async_context(ImageFetcher(settings, metrics))
         return self
 
-    def _writer_for(self, model: str) -> Any:
-        async def write(rows: list[Row]) -> list[None]:
-            await self.store.upsert(model, rows, settle=False)  # each job settles its own write, below
-            return [None] * len(rows)
-
-        return write
-
-    async def handle(self, job: ImageJob) -> JobResult:
+    async def handle(self, job: BusJob) -> JobResult:
         """Run one job; every failure comes back as data, never as a raised exception."""
         self.metrics.jobs_in_flight.inc()
         try:
@@ -93,7 +85,7 @@ class JobHandler:
         self.metrics.jobs.labels(job.kind.value, outcome).inc()
         return result
 
-    async def _dispatch(self, job: ImageJob) -> JobResult:
+    async def _dispatch(self, job: BusJob) -> JobResult:
         if job.kind is JobKind.PING:
             return JobResult()
         runtime = self.runtimes.get(job.model)
@@ -103,14 +95,13 @@ class JobHandler:
             return JobResult(embedding=await self._embed_image(runtime, job))
         if job.kind is JobKind.ADD:
             vector = await self._embed_image(runtime, job)
-            await self.writers[job.model].submit(Row(job.url, vector, job.metadata))
-            await self.store.settle(job.model)  # answered = searchable from any API process
+            await self.writer.add(job.model, Row(job.url, vector, job.metadata))  # answered once searchable
             return JobResult(written=1)
         if job.kind is JobKind.RESTORE:
             return JobResult(written=await self._restore(runtime, job.rows))
         raise errors.WorkerFailure(f"unknown job kind {job.kind}")
 
-    async def _embed_image(self, runtime: ModelRuntime, job: ImageJob) -> np.ndarray:
+    async def _embed_image(self, runtime: ModelRuntime, job: BusJob) -> np.ndarray:
         assert self._fetcher is not None and self._decode_pool is not None
         runtime.preparing += 1
         try:
@@ -132,4 +123,4 @@ class JobHandler:
                     loc=("body", i, "embedding"),
                 )
             parsed.append(Row(row["url"], vec, row.get("metadata")))
-        return await self.store.upsert(runtime.spec.name, parsed)
+        return await self.writer.upsert(runtime.spec.name, parsed)

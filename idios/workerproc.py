@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import signal
 from contextlib import AsyncExitStack
 
 import orjson
 from aiohttp import web
 
-from idios.api.backend import require_distributed
 from idios.consumer import JobConsumer
 from idios.metrics import CONTENT_TYPE, Metrics
 from idios.models import discover
-from idios.settings import Settings
+from idios.lifecycle import stop_signal
+from idios.settings import Settings, require_distributed
 from idios.store import CollectionStore
 from idios.worker import JobHandler
+from idios.writer import Writer
 
 log = logging.getLogger(__name__)
 HEALTH_PORTS = 64  # the most workers of one host with health endpoints
@@ -33,7 +33,7 @@ def health_app(consumer: JobConsumer, handler: JobHandler, store: CollectionStor
         except Exception:
             milvus = False
         body = {"status": "ok" if consumer.connected and milvus else "degraded", "broker": consumer.connected,
-                "milvus": milvus, "handled": consumer.handled,
+                "milvus": milvus, "handled": consumer.handled, "holding": consumer.holding,
                 "embed": {name: {"batches": rt.images.batches, "images": rt.images.items,
                                  "engine": rt.visual.engine, "precision": rt.visual.precision}
                           for name, rt in handler.runtimes.items()}}
@@ -65,14 +65,10 @@ async def listen(runner: web.AppRunner, host: str, first: int) -> int:
 async def run_worker(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then stop consuming, drain within drain_timeout and exit."""
     require_distributed(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     specs = discover(settings.models_dir)
-    async with AsyncExitStack() as stack:
+    async with stop_signal() as stop, AsyncExitStack() as stack:
         store = await stack.enter_async_context(CollectionStore(settings, specs))
-        handler = await JobHandler.open(settings, specs, store, stack, Metrics())
+        handler = await JobHandler.open(settings, specs, Writer(settings, store), stack, Metrics())
         consumer = await stack.enter_async_context(JobConsumer(settings, handler))
         health = "off"
         if settings.health_port:

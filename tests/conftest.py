@@ -16,9 +16,11 @@ import pytest
 from aiohttp import web
 
 from idios.api.app import create_app
-from idios.api.backend import BACKEND, Backend, embedded_backend
+from idios.api.backend import BACKEND, Backend
+from idios.composition import embedded_backend
 from idios.settings import Settings
 from tests.imagekit import image_server
+from tests.servers import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -68,16 +70,8 @@ class Service:
 async def running_service(settings: Settings) -> AsyncIterator[Service]:
     """The embedded service (API + worker + Milvus Lite) listening on a free loopback port."""
     app = create_app(settings, embedded_backend)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-            yield Service(f"http://127.0.0.1:{port}", app, http)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        yield Service(url, app, http)
 
 
 def make_settings(tmp: Path, models: Path, **kw: object) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,16 +15,17 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
 import pytest
-from aiohttp import web
 
 from idios.api.app import create_app
-from idios.api.backend import distributed_backend
+from idios.composition import distributed_backend
 from idios.settings import Settings
 from tests.conftest import ROOT, Service, wait_for_ping
+from tests.servers import serving
 
 import bench_deploy  # noqa: E402  (scripts/, on sys.path through tests.conftest)
 from bench_deploy import fresh_database, free_port  # noqa: E402,F401  (shared with the benchmark)
@@ -171,14 +173,8 @@ async def delete_queues(prefix: str, amqp_url: str = AMQP_URL) -> None:
 @asynccontextmanager
 async def api_service(settings: Settings) -> AsyncIterator[Service]:
     app = create_app(settings, distributed_backend)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as http:
-            yield Service(f"http://127.0.0.1:{runner.addresses[0][1]}", app, http)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as http:
+        yield Service(url, app, http)
 
 
 async def wait_for_workers(svc: Service, timeout: float = 60) -> None:
@@ -187,15 +183,17 @@ async def wait_for_workers(svc: Service, timeout: float = 60) -> None:
 
 
 @asynccontextmanager
-async def distributed(tmp: Path, models: Path, milvus: MilvusStandalone, workers: int = 2, **kw: object
-                      ) -> AsyncIterator[tuple[Service, Settings, list[subprocess.Popen[bytes]]]]:
+async def distributed(tmp: Path, models: Path, milvus: MilvusStandalone, workers: int = 2, health: bool = False,
+                      **kw: object) -> AsyncIterator[tuple[Service, Settings, list[subprocess.Popen[bytes]]]]:
     """A whole distributed deployment on the suite's Milvus server, in a database and under a queue prefix of
-    its own, torn down (queues and database included) afterwards."""
+    its own, torn down (queues and database included) afterwards. With `health`, each worker serves its health
+    endpoint (worker_health finds it)."""
     await require_broker()
     prefix = f"idios-test-{uuid.uuid4().hex[:10]}"
     with fresh_database(milvus.uri) as db:
         settings = settings_for((milvus.uri, db), prefix, models, tmp, job_timeout=90, **kw)
-        procs = [start_worker(settings, tmp / f"worker{i}.log") for i in range(workers)]
+        procs = [start_worker(settings, tmp / f"worker{i}.log", health_port=free_port() if health else 0)
+                 for i in range(workers)]
         try:
             async with api_service(settings) as svc:
                 if workers:
@@ -205,3 +203,11 @@ async def distributed(tmp: Path, models: Path, milvus: MilvusStandalone, workers
             for p in procs:
                 stop_worker(p)
             await delete_queues(prefix, settings.amqp_url or AMQP_URL)
+
+
+async def worker_health(http: aiohttp.ClientSession, log: Path) -> dict[str, Any]:
+    """The health answer of the worker that writes `log` (its health URL is in its "worker ready" line)."""
+    match = re.search(r"health (http://\S+/health)", log.read_text())
+    assert match, f"no health URL in {log}"
+    async with http.get(match.group(1)) as resp:
+        return dict(await resp.json())

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aiohttp import web
+
+from tests.servers import serving
 from PIL import Image, ImageDraw, ImageFilter
 
 BLOBS = web.AppKey("blobs", dict)
@@ -99,15 +101,8 @@ async def image_server(blobs: dict[str, bytes] | None = None, host: str = "127.0
     app.router.add_get("/blob/{name}", _blob)
     app.router.add_get("/slow/{key:.+}", _slow)
     hostile_routes(app)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app, host) as url:
+        yield url
 
 
 async def _slow(request: web.Request) -> web.Response:

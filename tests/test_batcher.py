@@ -108,3 +108,41 @@ async def test_close_fails_waiting_callers_instead_of_hanging() -> None:
     await b.close()
     with pytest.raises(RuntimeError):
         await first
+
+
+async def test_close_fails_a_batch_still_being_collected() -> None:
+    """Items the loop has taken off the queue but not processed yet (it waits for company) are failed by close,
+    not left waiting: they are in no queue any more."""
+    calls: list[list[int]] = []
+
+    async def record(items: list[int]) -> list[int]:
+        calls.append(items)
+        return items
+
+    b = MicroBatcher("t", record, max_batch=8, max_wait=30, coming=lambda: 1)  # company expected: it waits
+    await b.__aenter__()
+    waiting = [asyncio.create_task(b.submit(i)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert b._queue.empty() and not calls  # all three collected, none processed
+    await asyncio.wait_for(b.close(), 1)
+    results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 1)
+    assert [type(r) for r in results] == [RuntimeError] * 3 and not calls
+
+
+async def test_a_dead_loop_fails_its_callers_at_once_and_refuses_new_items() -> None:
+    """A batch function that breaks the loop's contract (here: too few results) stops the loop; its callers and
+    everyone queued behind them get the error instead of hanging, and later submits are refused at once."""
+    release = asyncio.Event()
+
+    async def short(items: list[int]) -> list[int]:
+        await release.wait()
+        return items[:-1]
+
+    async with MicroBatcher("t", short, max_batch=2, max_wait=0.01) as b:
+        callers = [asyncio.create_task(b.submit(i)) for i in range(5)]
+        await asyncio.sleep(0.02)
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 1)
+        assert all(isinstance(r, RuntimeError) and "results for a batch of 2" in str(r) for r in results), results
+        with pytest.raises(RuntimeError, match="not running"):
+            await asyncio.wait_for(b.submit(9), 1)

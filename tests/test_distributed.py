@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from idios.amqp import AmqpBus
-from idios.messages import ImageJob, JobKind
+from idios.messages import BusJob, JobKind
 from tests.conftest import ROOT, Service, wait_for_ping
 from tests.distributed import (
     AMQP_URL,
@@ -31,6 +31,7 @@ from tests.distributed import (
     settings_for,
     start_worker,
     stop_worker,
+    worker_health,
     worker_env,
 )
 
@@ -48,12 +49,22 @@ async def stored(svc: Service, urls: list[str]) -> set[str]:
 
 async def test_sigkill_of_a_worker_mid_batch_loses_no_answered_write(
     tmp_path: Path, models_dir: Path, images: str, milvus: MilvusStandalone) -> None:
-    async with distributed(tmp_path, models_dir, milvus, workers=2) as (svc, _, procs):
-        urls = [f"{images}/slow/kill/{uuid.uuid4().hex}.jpg?delay=1.5" for _ in range(30)]
+    async with distributed(tmp_path, models_dir, milvus, workers=2, health=True) as (svc, _, procs):
+        logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+        async with asyncio.timeout(60):  # both consuming (a worker serves its health endpoint once it is)
+            while True:
+                try:
+                    before = [await worker_health(svc.http, log) for log in logs]
+                    break
+                except (AssertionError, aiohttp.ClientError):
+                    await asyncio.sleep(0.1)
+        urls = [f"{images}/slow/kill/{uuid.uuid4().hex}.jpg?delay=3" for _ in range(30)]
         pending = [asyncio.create_task(add(svc, u)) for u in urls]
-        await asyncio.sleep(0.7)  # both workers now hold fetches in flight
+        async with asyncio.timeout(20):  # until both hold jobs, so the killed one dies with some unacked
+            while min(held := [(await worker_health(svc.http, log))["holding"] for log in logs]) == 0:
+                await asyncio.sleep(0.05)
         procs[0].send_signal(signal.SIGKILL)
-        procs[0].wait(10)
+        await asyncio.to_thread(procs[0].wait, 10)  # not on the loop that serves the API
         results = await asyncio.gather(*pending)
         statuses = [s for s, _ in results]
         # every request is answered: the dead worker's unacked messages were redelivered to the other one
@@ -61,6 +72,9 @@ async def test_sigkill_of_a_worker_mid_batch_loses_no_answered_write(
         answered = [u for u, s in zip(urls, statuses, strict=True) if s == 204]
         assert len(answered) == len(urls), statuses
         assert await stored(svc, answered) == set(answered)
+        # the survivor did all the work, the killed worker's unacked jobs included
+        after = await worker_health(svc.http, logs[1])
+        assert after["handled"] - before[1]["handled"] == len(urls), (held, before, after)
 
 
 async def test_sigterm_drains_held_jobs_and_exits_cleanly(tmp_path: Path, models_dir: Path, images: str, milvus: MilvusStandalone) -> None:
@@ -144,12 +158,15 @@ async def test_poison_and_failing_jobs_end_in_the_dead_letter_queue(
         assert reply["error"]["type"] == "worker_error" and "malformed job" in reply["error"]["message"]
         assert dead == 1
         # a job that fails inside the worker every time: retried max_attempts times, then dead-lettered
-        bad = ImageJob(JobKind.RESTORE, "thumb_grid", rows=[{"url": "http://x.test/no-embedding"}])
+        bad = BusJob(JobKind.RESTORE, "thumb_grid", rows=[{"url": "http://x.test/no-embedding"}])
         reply, dead = await raw_job(orjson.dumps(bad.to_wire()), settings.queue_prefix, expect_dead=2)
         assert reply["error"]["type"] == "worker_error" and reply["error"]["status"] == 500
         assert dead == 2
         worker_log = (tmp_path / "worker0.log").read_text()
         assert "attempt 1 failed" in worker_log and "failed 2 times; dead-lettered" in worker_log
+        assert "retrying in 1.0 s" in worker_log  # through the broker's retry queue, which exists:
+        async with await aio_pika.connect(settings.amqp_url) as conn:
+            await (await conn.channel()).declare_queue(f"{settings.queue_prefix}.jobs.retry", passive=True)
         # the service is still fine
         assert (await add(svc, f"{images}/img/after-poison.jpg"))[0] == 204
 
@@ -191,7 +208,7 @@ async def test_api_command_and_worker_health(tmp_path: Path, models_dir: Path, i
                     "openvino", "onnxruntime")
         finally:
             api.send_signal(signal.SIGTERM)
-            api_rc = api.wait(30)
+            api_rc = await asyncio.to_thread(api.wait, 30)
             worker_rc = stop_worker(worker)
             from tests.distributed import delete_queues
 

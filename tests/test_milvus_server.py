@@ -15,12 +15,18 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+from pymilvus import DataType, MilvusClient
 
+from idios import store as store_module
+from idios.models import discover
+from idios.settings import Settings
+from idios.store import CollectionStore
 from tests.conftest import Service
 from tests.distributed import (
     MilvusStandalone,
     distributed,
     free_port,
+    fresh_database,
     start_api,
     start_worker,
     stop_worker,
@@ -40,7 +46,7 @@ async def test_an_answered_write_is_seen_at_once_by_another_api_process(
 ) -> None:
     """add -> 204 through one API process, then at once (no sleep) a search through another API process finds
     it; remove -> 204, and the other no longer lists it. Reads run at Bounded consistency, which waits for
-    nothing, so this holds only because a write is answered once it is searchable (store.Settler)."""
+    nothing, so this holds only because a write is answered once it is searchable (writer.Settler)."""
     async with distributed(tmp_path, models_dir, milvus, workers=1) as (svc, settings, _):
         async with start_api(settings, tmp_path / "api2.log") as other:
             http = svc.http
@@ -180,3 +186,29 @@ async def test_milvus_killed_during_add_bulk_loses_no_answered_write_and_idios_r
         assert (status, count) == (200, len(urls))
         print(f"milvus kill: add_bulk of {len(urls)} answered in {took:.1f} s, all stored; reads 200 again "
               f"{recovered:.1f} s after the server answered")
+
+
+async def test_a_collection_found_without_its_index_gets_one(
+    tmp_path: Path, models_dir: Path, milvus: MilvusStandalone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes starting together race to create a collection; the loser can find it before the winner made
+    its index (seen in this suite: "index not found" on load). It waits INDEX_WAIT, then makes the index itself."""
+    monkeypatch.setattr(store_module, "INDEX_WAIT", 0.5)
+    with fresh_database(milvus.uri) as db:
+        first = MilvusClient(milvus.uri)
+        first.create_database(db)
+        first.close()
+        bare = MilvusClient(milvus.uri, db_name=db)
+        try:
+            schema = bare.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("url", DataType.VARCHAR, is_primary=True, max_length=2083)
+            schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=192)
+            schema.add_field("metadata", DataType.JSON)
+            bare.create_collection("idios_thumb_grid", schema=schema)  # as the winner leaves it for a moment
+            assert not bare.list_indexes("idios_thumb_grid")
+            settings = Settings(data_dir=tmp_path, models_dir=models_dir, milvus_uri=milvus.uri, milvus_db=db)
+            async with CollectionStore(settings, discover(models_dir)) as store:
+                assert bare.list_indexes("idios_thumb_grid")
+                assert await store.count("thumb_grid") == 0
+        finally:
+            bare.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from idios.settings import Settings
 from tests.conftest import ROOT, running_service, wait_for_ping
+from tests.distributed import free_port
 
 
 async def test_private_addresses_are_refused_by_default(tmp_path: Path, models_dir: Path, images: str) -> None:
@@ -31,12 +31,6 @@ async def test_private_addresses_are_refused_by_default(tmp_path: Path, models_d
                 assert body["detail"][0]["type"] == "private_address", (url, body)
         async with svc.http.get(svc.model("thumb_grid") + "/count") as resp:
             assert await resp.json() == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(120)

@@ -42,8 +42,12 @@ async def test_the_service_asked_for_cuda_runs_on_this_cpu(tmp_path: Path, model
     if CUDA in ort.get_available_providers():
         pytest.skip("this machine has CUDA: the fallback cannot be shown here")
     settings = Settings.from_env({}, data_dir=tmp_path, models_dir=models_dir, allow_private_urls=True,
-                                 execution_provider="cuda")
+                                 execution_provider="cuda", engine="onnxruntime")
     async with running_service(settings) as svc:
+        async with svc.http.get(svc.url + "/models") as resp:  # the session really runs on the CPU provider
+            engines = {m["name"]: m["engines"] for m in await resp.json()}
+        assert engines["thumb_grid"]["visual"] == {"engine": "onnxruntime", "precision": "fp32", "device": CPU}
+        assert engines["thumb_text"]["text"]["device"] == CPU
         url = f"{images}/img/provider/a.jpg"
         async with svc.http.post(svc.model("thumb_grid") + "/add", json={"url": url}) as resp:
             assert resp.status == 204, await resp.text()

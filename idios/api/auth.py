@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from idios.settings import Settings
 
 PUBLIC_PATHS = {"/ping", "/", "/docs", "/openapi.json"}
 PUBLIC_PREFIXES = ("/static/",)
 READ_ACTIONS = {"search", "compare", "urls", "dump", "count"}
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 class Access(str, Enum):
     READ = "ro"
@@ -71,7 +68,7 @@ def _deny(status: int, kind: str, detail: str) -> web.Response:
                         content_type="application/json", headers=headers)
 
 
-def auth_middleware(keys: ApiKeys) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(keys: ApiKeys) -> Middleware:
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
 
 from idios import errors
@@ -37,7 +38,10 @@ async def read_json_bytes(request: web.Request) -> bytes:
 
 
 async def _read_form(request: web.Request) -> Body:
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, HttpProcessingError) as exc:  # aiohttp's multipart reader on a malformed form
+        raise errors.FormInvalid(f"the multipart/form-data body cannot be read: {str(exc).splitlines()[0][:200]}") from None
     data: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     for name, value in form.items():

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from idios import __version__
 from idios.api.schemas import (
     AddRequest,
     CompareRequest,
@@ -118,6 +119,11 @@ def error(model: type[BaseModel], description: str) -> dict[str, Any]:
 
 
 NO_CONTENT = {"204": {"description": "Done; no body"}}
+# answered by aiohttp's HTTP parser before any route runs, so in plain text
+MALFORMED = {"400": {"description": "A malformed HTTP request: in plain text from the HTTP parser (say a request "
+                                    "line over 32 KiB), or `form_invalid` for a multipart body that cannot be read",
+                     "content": {"text/plain": {"schema": {"type": "string"}},
+                                 "application/json": {"schema": ref(ErrorBody)}}}}
 MODEL_ERRORS = {
     "404": error(ErrorBody, "No such model (`model_not_found`, with `models`: the loaded ones)"),
     "500": error(ErrorBody, "`internal_error` or `worker_error`: a message and a request id, never a traceback"),
@@ -128,7 +134,7 @@ BODY_ERRORS = {
     "415": error(ErrorBody, "`unsupported_media_type`: this route takes a JSON body, not a form"),
     "422": error(ValidationErrorBody, "The body failed validation, or the image cannot be used "
                  "(`image_http_error`, `image_unreachable`, `image_timeout`, `image_too_many_redirects`, "
-                 "`private_address`, `image_too_large`, `not_an_image`, `image_too_small`)"),
+                 "`private_address`, `host_not_allowed`, `image_too_large`, `not_an_image`, `image_too_small`)"),
 }
 JOB_ERRORS = {**BODY_ERRORS, "504": error(ErrorBody, "`job_timeout`: the image work did not finish in time")}
 
@@ -179,7 +185,7 @@ def op(summary: str, description: str, responses: dict[str, Any], *, tag: str = 
         operation["parameters"] = parameters
     if request is not None:
         operation["requestBody"] = request
-    operation["responses"] = responses
+    operation["responses"] = {**responses, **MALFORMED}
     return operation
 
 
@@ -216,7 +222,10 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
             "By image url, uploaded image, text (models with a text tower) or a stored url (`indexed`). "
             "Best first. Without url, text or image: 422 `{\"detail\": \"Either 'text' or 'url' must be provided.\"}`",
             {"200": json_answer({"type": "array", "items": ref(Hit)}, "hits, best first"),
-             **JOB_ERRORS, "404": error(ErrorBody, "No such model, or an `indexed` url that is not stored")},
+             **JOB_ERRORS, "404": error(ErrorBody, "No such model, or an `indexed` url that is not stored"),
+             "422": json_answer({"anyOf": [ref(ValidationErrorBody), ref(ErrorBody)]},
+                                BODY_ERRORS["422"]["description"] + "; with neither url, text nor image, the "
+                                "original service's `{\"detail\": \"Either 'text' or 'url' must be provided.\"}`")},
             request=body(SearchRequest, SEARCH_FORM))},
         "/models/{model}/compare": {"post": op(
             "Similarity of two images", "Each side is a url or an uploaded image.",
@@ -247,8 +256,9 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
 
 def service_paths() -> dict[str, dict[str, Any]]:
     """Health, the model list, and the pages for people."""
-    rpc = {"name": "rpc", "in": "query", "required": False, "schema": {"type": "string", "enum": ["", "0", "1"]},
-           "description": "1: answer only after a round trip through the job bus and a worker"}
+    rpc = {"name": "rpc", "in": "query", "required": False, "schema": {"type": "string"},
+           "description": "anything but empty, 0 or false (say 1): answer only after a round trip through the job "
+                          "bus and a worker"}
     page = {"200": {"description": "an HTML page", "content": TEXT}}
     return {
         "/ping": {"get": op("Health check", "Answers \"pong\".",
@@ -304,15 +314,24 @@ def secure(document: dict[str, Any]) -> None:
                 operation["responses"]["403"] = forbidden
 
 
-def build(settings: Settings) -> dict[str, Any]:
-    """The whole OpenAPI document."""
+def name_models(document: dict[str, Any], models: list[str]) -> None:
+    """The `model` path parameter as the list of the models this service loads (a 404 answers any other)."""
+    param = {**MODEL_PARAM, "schema": {"type": "string", "enum": models}}
+    for ops in document["paths"].values():
+        for operation in ops.values():
+            if "parameters" in operation:
+                operation["parameters"] = [param if p is MODEL_PARAM else p for p in operation["parameters"]]
+
+
+def build(settings: Settings, models: list[str] | None = None) -> dict[str, Any]:
+    """The whole OpenAPI document; with `models`, the model path parameter lists them."""
     from idios.api.auth import ApiKeys
 
     document = {
         "openapi": "3.1.0",
         "info": {
             "title": "Idios",
-            "version": "0.1.0",
+            "version": __version__,
             "description": "Reverse image search over many models. The url is an image's id. "
                            "Errors are JSON with a machine-readable `type`.",
             "license": {"name": "MIT", "identifier": "MIT"},
@@ -326,6 +345,8 @@ def build(settings: Settings) -> dict[str, Any]:
         "paths": {**service_paths(), **image_paths(settings)},
         "components": {"schemas": component_schemas()},
     }
+    if models:
+        name_models(document, models)
     if ApiKeys.from_settings(settings) is not None:
         secure(document)
     return document

@@ -10,7 +10,9 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
+from idios import errors
 from idios.api import openapi
+from idios.models import discover
 from idios.settings import Settings
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -38,9 +40,19 @@ async def docs(request: web.Request) -> web.FileResponse:
     return html_file("docs.html", DOCS_CSP)
 
 
+async def static_file(request: web.Request) -> web.FileResponse:
+    """A file under STATIC; anything else (a missing file, a path that leaves the folder) is a JSON 404, which
+    aiohttp's own static route does not give (its 404 is an empty application/octet-stream)."""
+    name = request.match_info["path"]
+    path = (STATIC / name).resolve()
+    if not path.is_relative_to(STATIC) or not path.is_file():
+        raise errors.NotFound(f"no such file: /static/{name}")
+    return web.FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
+
+
 def add_pages(app: web.Application, settings: Settings) -> None:
     """Register /, /docs, /openapi.json and /static/ on the API application."""
-    document = orjson.dumps(openapi.build(settings))
+    document = orjson.dumps(openapi.build(settings, sorted(discover(settings.models_dir))))
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.Response(body=document, content_type="application/json")
@@ -48,4 +60,4 @@ def add_pages(app: web.Application, settings: Settings) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/docs", docs)
     app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_static("/static/", STATIC)
+    app.router.add_get("/static/{path:.+}", static_file)

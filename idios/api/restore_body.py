@@ -156,7 +156,8 @@ class RestoreParser:
     def started(self) -> bool:
         return self._pool is not None
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop the helper; its shutdown waits for the process to exit, so it waits in a thread, not the loop."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)

@@ -27,9 +27,9 @@ from idios.api.schemas import (
 )
 from idios.engines import Tower
 from idios.filters import metadata_filter
-from idios.messages import ImageJob, JobKind, JobResult
+from idios.messages import BusJob, JobKind, JobResult
 from idios.models import ModelSpec
-from idios.store import KeyClaims, Row, similarity
+from idios.store import Row, similarity
 
 routes = web.RouteTableDef()
 
@@ -59,19 +59,14 @@ def request_id(request: web.Request) -> str:
     return request.get(REQUEST_ID) or uuid.uuid4().hex
 
 
-async def run_job(request: web.Request, job: ImageJob) -> JobResult:
-    """Send a job over the bus and turn a failure that came back as data into the matching error.
-
-    A job that writes holds its urls until it is answered, so that two writes of one url never run at once.
-    Milvus's upsert is a delete plus an insert, and concurrent upserts of one primary key can leave both rows
-    (Milvus Lite's engine did, six concurrent restores of the same 1,500 urls left 2,000-4,512 rows; reported
-    for Milvus 2.5 servers, milvus-io/milvus#38947). Writes of different urls still run side by side. This
-    covers the writes that go through one API process (README "Milvus": what two API processes did)."""
+async def run_job(request: web.Request, job: BusJob) -> JobResult:
+    """Send a job over the bus and turn a failure that came back as data into the matching error. A job that
+    writes holds its urls until it is answered (Writer.sending: two writes of one url never run at once)."""
     be = backend(request)
     urls = [job.url] if job.kind is JobKind.ADD else [r["url"] for r in job.rows or ()]
     if not urls:
         return _answer(await be.bus.request(job))
-    async with be.writing.setdefault(job.model, KeyClaims()).claim(urls):
+    async with be.writer.sending(job.model, urls):
         return _answer(await be.bus.request(job))
 
 
@@ -82,7 +77,7 @@ def _answer(result: JobResult) -> JobResult:
 
 
 async def embed(request: web.Request, spec: ModelSpec, url: str | None, image: bytes | None) -> np.ndarray:
-    job = ImageJob(JobKind.EMBED, spec.name, url=url or "", image=image, request_id=request_id(request))
+    job = BusJob(JobKind.EMBED, spec.name, url=url or "", image=image, request_id=request_id(request))
     vector = (await run_job(request, job)).embedding
     if vector is None:
         raise errors.WorkerFailure("the worker answered without an embedding")
@@ -92,7 +87,7 @@ async def embed(request: web.Request, spec: ModelSpec, url: str | None, image: b
 @routes.get("/ping")
 async def ping(request: web.Request) -> web.Response:
     if request.query.get("rpc") not in (None, "", "0", "false"):
-        await run_job(request, ImageJob(JobKind.PING, request_id=request_id(request)))
+        await run_job(request, BusJob(JobKind.PING, request_id=request_id(request)))
     return json_response("pong")
 
 
@@ -114,22 +109,22 @@ def engine_of(tower: Tower | None) -> dict[str, str] | None:
 
 @routes.post("/models/{model}/add")
 async def add(request: web.Request) -> web.Response:
-    spec = model_of(request)
-    body = await read_body(request, allow_files=True)
-    req = parse(AddRequest, body.data)
-    job = ImageJob(JobKind.ADD, spec.name, req.url, req.metadata, body.files.get("image"), request_id=request_id(request))
-    await run_job(request, job)
-    return no_content()
+    return await _add(request, unless_stored=False)
 
 
 @routes.post("/models/{model}/search_add")
 async def search_add(request: web.Request) -> web.Response:
+    return await _add(request, unless_stored=True)
+
+
+async def _add(request: web.Request, unless_stored: bool) -> web.Response:
+    """add, or search_add: the same, except that a url already stored is a 409 and stays as it is."""
     spec = model_of(request)
     body = await read_body(request, allow_files=True)
     req = parse(AddRequest, body.data)
-    if await backend(request).store.existing(spec.name, [req.url]):
+    if unless_stored and await backend(request).store.existing(spec.name, [req.url]):
         raise errors.AlreadyInserted()
-    job = ImageJob(JobKind.ADD, spec.name, req.url, req.metadata, body.files.get("image"), request_id=request_id(request))
+    job = BusJob(JobKind.ADD, spec.name, req.url, req.metadata, body.files.get("image"), request_id=request_id(request))
     await run_job(request, job)
     return no_content()
 
@@ -148,14 +143,14 @@ async def add_bulk(request: web.Request) -> web.Response:
     for raw in items:
         item, reason = item_error(AddRequest, raw)
         if item is None:
-            url = raw.get("url") if isinstance(raw, dict) else None
+            url = raw.get("url") if isinstance(raw, dict) and isinstance(raw.get("url"), str) else None
             failed.append({"url": url, "error": reason, "type": "validation_error"})
         elif item.url not in valid:
             valid[item.url] = item
     found = await backend(request).store.existing(spec.name, list(valid))
     todo = [item for url, item in valid.items() if url not in found]
     rid = request_id(request)
-    jobs = [run_job(request, ImageJob(JobKind.ADD, spec.name, it.url, it.metadata, request_id=rid)) for it in todo]
+    jobs = [run_job(request, BusJob(JobKind.ADD, spec.name, it.url, it.metadata, request_id=rid)) for it in todo]
     added = []
     for item, outcome in zip(todo, await asyncio.gather(*jobs, return_exceptions=True), strict=True):
         if isinstance(outcome, errors.IdiosError):
@@ -179,8 +174,8 @@ async def restore(request: web.Request) -> web.Response:
     # Restored rows need no model, so the API writes them itself, holding their urls as every write it sends
     # does (run_job). Sent through RabbitMQ to a worker instead, 100k rows went at 3.8k rows/s on the server.
     rows = [Row(url, vec, meta) for url, meta, vec in zip(parsed.urls, parsed.metadata, parsed.matrix, strict=True)]
-    async with be.writing.setdefault(spec.name, KeyClaims()).claim(parsed.urls):
-        await be.store.upsert(spec.name, rows)
+    async with be.writer.sending(spec.name, parsed.urls):
+        await be.writer.upsert(spec.name, rows)
     return no_content()
 
 
@@ -222,7 +217,11 @@ async def compare(request: web.Request) -> web.Response:
     for name, (url, image) in (("url", left), ("other", right)):
         if not url and image is None:
             raise errors.RequestInvalid([{"loc": ["body", name], "msg": "Field required", "type": "missing"}])
-    a, b = await asyncio.gather(embed(request, spec, *left), embed(request, spec, *right))
+    with errors.first_failure():
+        async with asyncio.TaskGroup() as group:  # one failing side cancels the other
+            one = group.create_task(embed(request, spec, *left))
+            other = group.create_task(embed(request, spec, *right))
+    a, b = one.result(), other.result()
     return json_response(similarity(float(np.dot(a, b))))
 
 
@@ -264,5 +263,5 @@ async def count(request: web.Request) -> web.Response:
 async def remove(request: web.Request) -> web.Response:
     spec = model_of(request)
     req = parse(RemoveRequest, (await read_body(request)).data)
-    await backend(request).store.remove(spec.name, req.url)
+    await backend(request).writer.remove(spec.name, req.url)
     return no_content()

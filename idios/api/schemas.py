@@ -11,10 +11,8 @@ from pydantic_core import PydanticCustomError
 from yarl import URL
 
 from idios import errors
+from idios.limits import METADATA_MAX, PAGE_MAX, URL_MAX
 
-URL_MAX = 2083
-METADATA_MAX = 65535
-PAGE_MAX = 16384
 
 
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
@@ -39,7 +37,7 @@ def check_url(value: str) -> str:
 def check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    size = len(orjson.dumps(value))  # UTF-8 bytes: a Milvus server refuses JSON over 65,536 bytes
+    size = len(orjson.dumps(value))  # UTF-8 bytes (limits.METADATA_MAX)
     if size > METADATA_MAX:
         raise PydanticCustomError(
             "value_error.metadata_json_too_long", f"metadata json too long ({size} > {METADATA_MAX})"

@@ -1,4 +1,4 @@
-"""The store's write ordering on a Milvus Lite file: writes sharing a url wait for each other, others overlap."""
+"""The Writer's ordering: writes sharing a url wait for each other, the others overlap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 
 from idios.models import discover
 from idios.settings import Settings
-from idios.store import CollectionStore, KeyClaims, Row
+from idios.store import CollectionStore, Row
+from idios.writer import KeyClaims, Writer
 from tests.distributed import MilvusStandalone, fresh_database
 
 
@@ -49,12 +50,12 @@ async def test_one_process_never_upserts_one_url_twice_at_once(
         settings = Settings(data_dir=tmp_path, models_dir=models_dir, milvus_uri=milvus.uri, milvus_db=db)
         specs = discover(models_dir)
         async with CollectionStore(settings, specs) as store:
-            assert not store._sole_writer
+            writer = Writer(settings, store)
             rng = np.random.default_rng(3)
 
             def rows(k: int) -> list[Row]:
                 vecs = rng.standard_normal((300, 192)).astype(np.float32)
                 return [Row(f"http://same.test/{i:03d}", v / np.linalg.norm(v), {"k": k}) for i, v in enumerate(vecs)]
 
-            await asyncio.gather(*(store.upsert("thumb_grid", rows(k)) for k in range(6)))
+            await asyncio.gather(*(writer.upsert("thumb_grid", rows(k)) for k in range(6)))
             assert await store.count("thumb_grid") == 300
