@@ -41,7 +41,7 @@ class Settings:
         "help": "database on a Milvus server holding this deployment's collections (created if missing)"})
     milvus_retry: float = field(default=60.0, metadata={
         "help": "seconds a write keeps trying while the Milvus server is unreachable or recovering"})
-    search_ef: int = field(default=64, metadata={"help": "HNSW search breadth (ef): higher = better recall, slower"})
+    search_ef: int = field(default=128, metadata={"help": "HNSW search breadth (ef): higher = better recall, slower"})
     index_type: str = field(
         default="", metadata={"help": "vector index: FLAT/IVF_FLAT on Milvus Lite, HNSW on a server (empty = auto)"}
     )
