@@ -188,14 +188,10 @@ def _all_subclasses(cls: type[IdiosError]) -> list[type[IdiosError]]:
     return out
 
 
-_BY_TYPE: dict[str, type[IdiosError]] = {}
-
-
 def from_data(data: dict[str, Any]) -> IdiosError:
     """Rebuild an error that crossed the queue as data; unknown types become a WorkerFailure."""
-    if not _BY_TYPE:
-        _BY_TYPE.update({c.type: c for c in _all_subclasses(IdiosError) if c not in (RequestInvalid, AlreadyInserted)})
-    cls = _BY_TYPE.get(str(data.get("type")), WorkerFailure)
+    by_type = {c.type: c for c in _all_subclasses(IdiosError) if c not in (RequestInvalid, AlreadyInserted)}
+    cls = by_type.get(str(data.get("type")), WorkerFailure)  # a few dozen classes: no cache needed
     extra = dict(data.get("extra") or {})
     message = str(data.get("message", "worker error"))
     if data.get("type") == AlreadyInserted.type:
