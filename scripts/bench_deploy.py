@@ -225,7 +225,7 @@ async def delete_queues(prefix: str, amqp_url: str = AMQP_URL) -> None:
     conn = await aio_pika.connect(amqp_url, timeout=5)
     async with conn:
         channel = await conn.channel()
-        for name in (f"{prefix}.jobs", f"{prefix}.jobs.dead"):
+        for name in (f"{prefix}.jobs", f"{prefix}.jobs.dead", f"{prefix}.jobs.retry"):
             await channel.queue_delete(name)
 
 

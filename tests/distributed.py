@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import re
 import shutil
@@ -118,10 +119,16 @@ class BrokerNode:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
+                # the port first, with a plain socket: an AMQP connection that fails half-way leaves an
+                # aio_pika Connection whose __del__, if it runs after this loop is gone, warns "coroutine
+                # 'Connection.close' was never awaited" into whichever test is running then
+                _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 3)
+                writer.close()
                 conn = await aio_pika.connect(self.url, timeout=3)
                 await conn.close()
                 return
             except Exception:
+                gc.collect()  # such a half-made connection is closed now, on this loop
                 if self._proc.poll() is not None or asyncio.get_running_loop().time() > deadline:
                     self.stop()
                     raise RuntimeError(f"the test's RabbitMQ node did not start; see {self.folder}") from None
