@@ -80,9 +80,15 @@ def create_collection(client: MilvusClient, name: str, dim: int, index_kind: str
     schema.add_field("url", DataType.VARCHAR, is_primary=True, max_length=URL_MAX)
     schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("metadata", DataType.JSON)
+    client.create_collection(name, schema=schema, index_params=embedding_index(client, index_kind, metric),
+                             consistency_level="Strong")
+
+
+def embedding_index(client: MilvusClient, kind: str, metric: str = METRIC) -> Any:
+    """The index parameters of a collection's embedding field (create_collection, CollectionStore._load)."""
     index = client.prepare_index_params()
-    index.add_index("embedding", **index_args(index_kind, metric))
-    client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+    index.add_index("embedding", **index_args(kind, metric))
+    return index
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -200,10 +206,8 @@ class CollectionStore:
                     raise
                 if time.monotonic() > deadline:
                     rounds += 1
-                    index = client.prepare_index_params()
-                    index.add_index("embedding", **index_args(self.index_kind))
                     try:
-                        client.create_index(name, index)
+                        client.create_index(name, embedding_index(client, self.index_kind))
                     except Exception as again:  # the creator got there in between: load again
                         log.info("index of %s: %s", name, _brief(again))
                     deadline = time.monotonic() + INDEX_WAIT

@@ -102,8 +102,9 @@ class Writer:
 
     def __init__(self, settings: Settings, store: CollectionStore) -> None:
         self._store = store
-        self._sole_writer = settings.is_milvus_lite  # a Milvus Lite file is opened by this process alone
-        self._settles = not settings.is_milvus_lite  # Milvus Lite answers every read with everything written
+        # A Milvus Lite file is opened by this process alone (so it may insert what is not stored yet), and it
+        # answers every read with everything written (so nothing needs settling)
+        self._lite = settings.is_milvus_lite
         self._chunk = max(1, min(settings.write_batch, CHUNK_ROWS))
         self._settings = settings
         self._sending: dict[str, KeyClaims] = {}
@@ -130,7 +131,7 @@ class Writer:
 
     async def _write_chunk(self, model: str, chunk: list[Row]) -> None:
         async with self._claims.setdefault(model, KeyClaims()).claim(r.url for r in chunk), self._gate:
-            if not self._sole_writer:
+            if not self._lite:
                 await self._store.put(model, chunk, upsert=True)
                 self._settler(model).wrote()
                 return
@@ -149,7 +150,7 @@ class Writer:
 
     async def settle(self, model: str) -> None:
         """Return once this process's writes to `model` so far are searchable from any process."""
-        if self._settles:
+        if not self._lite:
             await self._settler(model).wait()
 
     def _settler(self, model: str) -> Settler:

@@ -61,13 +61,7 @@ def embedding_matrix(vectors: list[Any], model: str, dim: int) -> np.ndarray:
     similarities as they were; a row of zeros has no direction and is refused. Dumped rows are unit vectors and
     come back unchanged."""
     try:
-        if all(isinstance(v, str) for v in vectors):
-            parts = [base64.b64decode(v, validate=True) for v in vectors]
-            if any(len(p) != 4 * dim for p in parts):
-                raise ValueError("an embedding of the wrong length")
-            matrix = np.frombuffer(b"".join(parts), dtype="<f4").reshape(len(vectors), dim).astype(np.float32)
-        else:
-            matrix = np.asarray([_numbers(v, dim) for v in vectors], dtype=np.float32)
+        matrix = np.asarray([_numbers(v, dim) for v in vectors], dtype=np.float32)
         if matrix.shape == (len(vectors), dim) and np.isfinite(matrix).all():
             return unit_rows(matrix)
     except (ValueError, TypeError, binascii.Error):
