@@ -20,7 +20,7 @@ Send the rows of dump files to POST /models/MODEL/restore, in batches of at most
 --concurrency requests in flight. Each file is a JSON array of {"url", "embedding", "metadata"} objects;
 a folder stands for its page-*.json files in page order. Rows of small files are joined into full requests.
 Embeddings given as numbers are sent as base64 of their float32 values (encoding_format "base64": the same
-float32 values the service would store, in 44% of the bytes, parsed by the service about 5x faster); rows whose
+float32 values the service would store, in 44% of the bytes, parsed by the service 3-4x faster); rows whose
 embedding is not a list of numbers are sent as they are, for the service to say what is wrong. The service
 checks the embedding's dimension against the model and stores url, metadata and embedding.
 
