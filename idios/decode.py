@@ -82,8 +82,9 @@ def to_tensor(im: Image.Image, spec: ModelSpec) -> np.ndarray:
     """Resize and crop as open_clip's eval transform does, then normalise to a CHW float32 array."""
     size = spec.image_size
     w, h = im.size
+    filt = Image.Resampling[spec.interpolation.upper()]
     if spec.resize == "squash":
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
+        im = im.resize((size, size), filt)
     else:
         short, long = (w, h) if w <= h else (h, w)
         new_long = int(size * long / short)
@@ -100,7 +101,7 @@ def to_tensor(im: Image.Image, spec: ModelSpec) -> np.ndarray:
             # Float rounding of the coefficients moves a pixel by at most 1 of 255 (tests/test_decode.py).
             sx, sy = w / new_w, h / new_h
             box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-            im = im.resize((size, size), Image.Resampling.BICUBIC, box=box)
+            im = im.resize((size, size), filt, box=box)
     arr: np.ndarray = np.asarray(im, dtype=np.float32) * np.float32(1 / 255)
     arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -25,8 +25,10 @@ class TextEncoder:
     """Tokenise with the model's tokenizer.json (Hugging Face `tokenizers`) and run the text tower.
 
     Truncation leaves room for the tokens the post-processor adds, so CLIP's end token survives long texts.
-    A tower exported with a dynamic sequence length (scripts/export_clip.py `TrimmedTextTower`) gets the batch
-    padded to its longest text only: a short query costs a few tokens of compute instead of the whole context."""
+    Padding uses the model's own pad id (a manifest's `text.pad_id`), and a tower that takes an attention mask
+    gets the tokenizer's. A tower exported with a dynamic sequence length (scripts/export_clip.py
+    `TrimmedTextTower`) gets the batch padded to its longest text only: a short query costs a few tokens of
+    compute instead of the whole context."""
 
     def __init__(self, tower: TextTower, model: Tower) -> None:
         from tokenizers import Tokenizer
@@ -37,17 +39,20 @@ class TextEncoder:
         self.trimmed = model.dynamic_length
         self.tokenizer = Tokenizer.from_file(str(tower.tokenizer))
         self.tokenizer.enable_truncation(max_length=tower.context_length)
+        pad_token = self.tokenizer.id_to_token(tower.pad_id) or "[PAD]"
         if self.trimmed:
-            self.tokenizer.enable_padding(pad_id=0)  # to the longest in the batch
+            self.tokenizer.enable_padding(pad_id=tower.pad_id, pad_token=pad_token)  # to the longest in the batch
         else:
-            self.tokenizer.enable_padding(length=tower.context_length, pad_id=0)
+            self.tokenizer.enable_padding(length=tower.context_length, pad_id=tower.pad_id, pad_token=pad_token)
 
-    def tokens(self, texts: list[str]) -> np.ndarray:
+    def tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask, `[N, L]` int64 each."""
         encoded = self.tokenizer.encode_batch([self.clean(t) for t in texts])
-        return np.asarray([e.ids for e in encoded], dtype=np.int64)
+        return (np.asarray([e.ids for e in encoded], dtype=np.int64),
+                np.asarray([e.attention_mask for e in encoded], dtype=np.int64))
 
     def run(self, texts: list[str]) -> np.ndarray:
-        return self.tower.run(self.tokens(texts))
+        return self.tower.run(*self.tokens(texts))
 
 
 class ModelRuntime:

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MANIFEST = "manifest.json"
+RESIZES = ("shortest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class TextTower:
     tokenizer: Path
     context_length: int
     clean: str = "none"  # a key of idios.textclean.CLEANERS: what the model's tokenizer did before BPE
+    pad_id: int = 0  # the id texts are padded with (open_clip: 0; Hugging Face tokenizers: their pad token)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class ModelSpec:
     dim: int
     image_size: int
     resize: str  # "shortest": resize the short side then centre-crop; "squash": resize to a square
+    interpolation: str  # a key of INTERPOLATIONS: the resampling filter the model was trained with
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     visual: Path
@@ -45,6 +49,12 @@ class ModelSpec:
     @property
     def collection(self) -> str:
         return f"idios_{self.name}"
+
+    @property
+    def source(self) -> dict[str, Any] | None:
+        """Where the weights came from (`python -m idios pull` records the repo, revision and layout)."""
+        value = self.raw.get("source")
+        return value if isinstance(value, dict) else None
 
     @property
     def has_text(self) -> bool:
@@ -82,14 +92,18 @@ def load_manifest(folder: Path) -> ModelSpec:
     if raw.get("text"):
         t = raw["text"]
         clean = str(t.get("clean", "none"))
-        text = TextTower(folder / t["file"], folder / t["tokenizer"], int(t.get("context_length", 77)), clean)
+        text = TextTower(folder / t["file"], folder / t["tokenizer"], int(t.get("context_length", 77)), clean,
+                         int(t.get("pad_id", 0)))
         if not text.file.is_file() or not text.tokenizer.is_file():
             raise ValueError(f"{folder}: text tower or tokenizer file is missing")
         if clean not in CLEANERS:
             raise ValueError(f"{folder}: text clean must be one of {sorted(CLEANERS)}")
     resize = str(raw.get("resize", "shortest"))
-    if resize not in ("shortest", "squash"):
-        raise ValueError(f"{folder}: resize must be 'shortest' or 'squash'")
+    if resize not in RESIZES:
+        raise ValueError(f"{folder}: resize must be one of {', '.join(RESIZES)}")
+    interpolation = str(raw.get("interpolation", "bicubic"))
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{folder}: interpolation must be one of {', '.join(INTERPOLATIONS)}")
     if str(raw.get("precision", "fp32")) not in ("fp32", "int8"):
         raise ValueError(f"{folder}: precision must be 'fp32' or 'int8'")
     mean, std = tuple(float(x) for x in raw["mean"]), tuple(float(x) for x in raw["std"])
@@ -100,6 +114,7 @@ def load_manifest(folder: Path) -> ModelSpec:
         dim=int(raw["dim"]),
         image_size=int(raw["image_size"]),
         resize=resize,
+        interpolation=interpolation,
         mean=mean,
         std=std,
         visual=visual,
@@ -114,7 +129,8 @@ def discover(models_dir: Path) -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
     if not models_dir.is_dir():
         return specs
-    for folder in sorted(p for p in models_dir.iterdir() if (p / MANIFEST).is_file()):
+    # a dot folder is a pull still under way (idios/hub.py renames it into place when it is whole)
+    for folder in sorted(p for p in models_dir.iterdir() if (p / MANIFEST).is_file() and not p.name.startswith(".")):
         try:
             spec = load_manifest(folder)
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:

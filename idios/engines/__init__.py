@@ -31,7 +31,7 @@ class Tower(Protocol):
     device: str
     dynamic_length: bool
 
-    def run(self, batch: np.ndarray) -> np.ndarray: ...
+    def run(self, batch: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ write it."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 import json
 from pathlib import Path
 from typing import Any
@@ -57,21 +58,22 @@ def measure(spec: ModelSpec, images: list[bytes], threads: int = 0) -> dict[str,
     threads = threads or os.cpu_count() or 1
     stamp = {"openvino": ov.get_version().split("-")[0], "measured": datetime.date.today().isoformat()}
     batch = np.stack([preprocess(data, spec, DecodeLimits()) for data in images])
-    chunks = [batch[i:i + 8] for i in range(0, len(batch), 8)]
+    chunks = [(batch[i:i + 8],) for i in range(0, len(batch), 8)]
     out = {"visual": _compare(OpenVinoTower(spec.visual, threads, "fp32"), spec.visual, chunks, threads) | stamp}
     if spec.text is not None:
         from idios.embed import TextEncoder
 
         fp32 = OpenVinoTower(spec.text.file, threads, "fp32")
-        ids = TextEncoder(spec.text, fp32).tokens(TEXTS)
-        out["text"] = _compare(fp32, spec.text.file, [ids], threads) | stamp
+        tokens = TextEncoder(spec.text, fp32).tokens(TEXTS)
+        out["text"] = _compare(fp32, spec.text.file, [tokens], threads) | stamp
     return out
 
 
-def _compare(fp32: OpenVinoTower, path: Path, chunks: list[np.ndarray], threads: int) -> dict[str, Any]:
-    """The tower at `path` in bf16 against its fp32 run, over the same inputs."""
+def _compare(fp32: OpenVinoTower, path: Path, chunks: Sequence[tuple[np.ndarray, ...]], threads: int) -> dict[str, Any]:
+    """The tower at `path` in bf16 against its fp32 run, over the same inputs (a batch, and its mask if any)."""
     bf16 = OpenVinoTower(path, threads, "bf16")
-    return cosine_stats(np.concatenate([fp32.run(c) for c in chunks]), np.concatenate([bf16.run(c) for c in chunks]))
+    return cosine_stats(np.concatenate([fp32.run(*c) for c in chunks]),
+                        np.concatenate([bf16.run(*c) for c in chunks]))
 
 
 def record(folder: Path, images: list[bytes]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from idios.engines.common import l2_normalise, second_dim_dynamic
+from idios.engines.common import Feed, l2_normalise
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def resolve_providers(setting: str, available: list[str]) -> list[str]:
 
 
 class OrtTower:
-    """One onnxruntime session: first input in, first output out (L2-normalised), batch dimension dynamic."""
+    """One onnxruntime session: inputs as `Feed` reads them from the file, first output out (L2-normalised)."""
 
     engine = "onnxruntime"
 
@@ -77,11 +77,13 @@ class OrtTower:
             log.warning("%s: asked for %s, running on %s", path.name, wanted, self.session.get_providers()[0])
         self.precision = precision
         self.device = self.session.get_providers()[0]
-        first = self.session.get_inputs()[0]
-        self.input = first.name
+        self.feed = Feed.read([(i.name, i.type, i.shape) for i in self.session.get_inputs()], path.name)
         self.output = self.session.get_outputs()[0].name
-        self.dynamic_length = second_dim_dynamic(first.shape)
+        self.dynamic_length = self.feed.dynamic_length
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run([self.output], {self.input: batch})
-        return l2_normalise(np.asarray(out, dtype=np.float32))
+    def _call(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        (out,) = self.session.run([self.output], inputs)
+        return np.asarray(out, dtype=np.float32)
+
+    def run(self, batch: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        return l2_normalise(self.feed.run(self._call, batch, mask))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from idios.engines.common import l2_normalise
+from idios.engines.common import Feed, l2_normalise
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _fill(core: Any, path: Path, config: dict[str, Any], cache: Path, folder: Pa
 
 
 class OpenVinoTower:
-    """One compiled OpenVINO model: first input in, first output out (L2-normalised), batch dimension dynamic."""
+    """One compiled OpenVINO model: inputs as `Feed` reads them from the file, first output out (L2-normalised)."""
 
     engine = "openvino"
     device = "CPU"
@@ -94,13 +94,22 @@ class OpenVinoTower:
         if precision in HINTS:  # int8 models keep OpenVINO's default for their float parts
             config["INFERENCE_PRECISION_HINT"] = HINTS[precision]
         self.compiled = compile_cached(ov.Core(), path, config, cache)
-        shape = self.compiled.inputs[0].get_partial_shape()
-        self.dynamic_length = shape.rank.get_length() == 2 and shape[1].is_dynamic
+        self.feed = Feed.read([(i.get_any_name(), i.get_element_type().get_type_name(), _dims(i.get_partial_shape()))
+                               for i in self.compiled.inputs], path.name)
+        self.dynamic_length = self.feed.dynamic_length
         self.precision = precision
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        with self._lock:  # the request's output buffer is reused by the next run: normalise (copy) first
-            out = self._request.infer({0: batch})
-            return l2_normalise(np.asarray(out[0], dtype=np.float32))
+    def _call(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        out = self._request.infer(inputs)
+        return np.array(out[0], dtype=np.float32)  # a copy: the request reuses its output buffer
+
+    def run(self, batch: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        with self._lock:
+            return l2_normalise(self.feed.run(self._call, batch, mask))
+
+
+def _dims(shape: Any) -> list[object]:
+    """An OpenVINO partial shape as onnxruntime reports one: ints where fixed, a name where dynamic."""
+    return [d.get_length() if d.is_static else "?" for d in shape]
