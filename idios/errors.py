@@ -128,6 +128,13 @@ class ModelNotFound(IdiosError):
     type = "model_not_found"
 
 
+class ModelRefused(IdiosError):
+    """A model that is not served: its files differ from the weights that filled its collection (idios/identity.py)."""
+
+    status = 409
+    type = "model_refused"
+
+
 class AlreadyInserted(IdiosError):
     status = 409
     type = "already_inserted"

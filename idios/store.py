@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 import numpy as np
 from pymilvus import AsyncMilvusClient, DataType, MilvusClient
 
-from idios import errors, milvus_rows
+from idios import errors, identity, milvus_rows
 from idios.filters import url_after, url_in
+from idios.identity import Identity, dim_mismatch, identity_of, mismatch
 from idios.limits import PAGE_MAX, URL_MAX
 from idios.models import ModelSpec
 from idios.settings import Settings
@@ -112,8 +113,17 @@ class CollectionStore:
         self._swap_quotes = settings.is_milvus_lite
         self.index_kind = settings.vector_index
         self._metric_types: dict[str, str] = {}  # collection -> the metric its index was built with
+        # the identity of each model's files as they are (idios/identity.py), hashed once at start-up
+        self.identities: dict[str, Identity] = {}
+        # models not served, with the reason: their files differ from what filled their collection
+        self.refused: dict[str, str] = {}
         # Milvus Lite answers every read with everything written; a server reads Bounded (see writer.Settler)
         self._consistency: dict[str, Any] = {} if settings.is_milvus_lite else {"consistency_level": "Bounded"}
+
+    def served(self) -> dict[str, ModelSpec]:
+        """The models this store serves: all it was opened with but the refused ones. The composition roots
+        load runtimes, text towers and batchers for these only, so nothing embeds into a refused collection."""
+        return {name: spec for name, spec in self._specs.items() if name not in self.refused}
 
     def _key(self, url: str) -> str:
         return url.replace(_QUOTE, _STANDIN) if self._swap_quotes else url
@@ -125,6 +135,9 @@ class CollectionStore:
         s = self._settings
         if s.is_milvus_lite:
             s.data_dir.mkdir(parents=True, exist_ok=True)
+        # The visual files are hashed in threads (a CLIP file is up to a GB) while the client connects.
+        loop = asyncio.get_running_loop()
+        hashing = [loop.run_in_executor(None, identity_of, spec) for spec in self._specs.values()]
         # Collections are created with the synchronous client: it is a one-off at start-up, and its
         # create/has/load calls are the ones Milvus Lite documents.
         # The sync client stays open until close: with Milvus Lite it owns the embedded server process.
@@ -134,8 +147,13 @@ class CollectionStore:
             if db:  # a client of that database (use_database needs DescribeDatabase, which Milvus 2.3 lacks)
                 self._sync.close()
                 self._sync = self._connect(**db)
+            self.identities = {i.model: i for i in await asyncio.gather(*hashing)}
+            records = identity.read_records(self._sync, list(self._specs), self._load)
             for spec in self._specs.values():
-                self._ensure_collection(self._sync, spec)
+                reason = self._ensure_collection(self._sync, spec, records.get(spec.name))
+                if reason is not None:
+                    self.refused[spec.name] = reason
+                    log.error("model %s is not served: %s", spec.name, reason)
             self._client = AsyncMilvusClient(s.milvus_target, token=s.milvus_token or "",
                                              timeout=s.milvus_timeout, grpc_options=RECONNECT, **db)
         except BaseException:  # a start-up that fails halfway closes what it opened (Milvus Lite's process too)
@@ -175,12 +193,24 @@ class CollectionStore:
             self._client = None
         self._sync.close()
 
-    def _ensure_collection(self, client: MilvusClient, spec: ModelSpec) -> None:
-        name = spec.collection
-        if client.has_collection(name):
+    def _ensure_collection(self, client: MilvusClient, spec: ModelSpec, record: Identity | None) -> str | None:
+        """Create or check a model's collection and load it; the reason instead when the model's files are not
+        the ones that filled it (the collection is then left as it is and not loaded).
+
+        `record` is the identity stored for the model. A collection without one (made before identities were
+        recorded, or by a process that stopped between creating it and recording) gets the identity of the
+        files found now, if its vectors have their dimension: which weights filled it cannot be known any
+        better. A record of a collection that no longer exists (dropped by hand) is replaced."""
+        name, mine, folder = spec.collection, self.identities[spec.name], spec.visual.parent
+        exists = client.has_collection(name)
+        if exists and record is not None:
+            reason = mismatch(record, mine, folder)
+            if reason is not None:
+                return reason
+        elif exists:
             dim = self._stored_dim(client, name)
             if dim is not None and dim != spec.dim:
-                raise RuntimeError(f"collection {name} holds {dim}-d vectors but model {spec.name} makes {spec.dim}-d")
+                return dim_mismatch(dim, mine, folder)
         else:
             try:
                 create_collection(client, name, spec.dim, self.index_kind)
@@ -188,10 +218,16 @@ class CollectionStore:
             except Exception:
                 if not client.has_collection(name):  # another process may have won the race
                     raise
+        if record is None or not exists:
+            record = identity.record(client, mine)
+            reason = mismatch(record, mine, folder)
+            if reason is not None:  # another process, with other files, recorded its own in between
+                return reason
         self._load(client, name)
         self._metric_types[name] = self._stored_metric(client, name)
+        return None
 
-    def _load(self, client: MilvusClient, name: str) -> None:
+    def _load(self, client: MilvusClient, name: str, index: Callable[[], Any] | None = None) -> None:
         """Load a collection. Processes started together race to create it, and the winner makes its index a
         moment after the collection (pymilvus creates, then indexes): a loser that finds the collection without
         an index yet ("index not found", seen on the Milvus 2.3.5 server with an API and two workers starting
@@ -207,7 +243,7 @@ class CollectionStore:
                 if time.monotonic() > deadline:
                     rounds += 1
                     try:
-                        client.create_index(name, embedding_index(client, self.index_kind))
+                        client.create_index(name, index() if index else embedding_index(client, self.index_kind))
                     except Exception as again:  # the creator got there in between: load again
                         log.info("index of %s: %s", name, _brief(again))
                     deadline = time.monotonic() + INDEX_WAIT

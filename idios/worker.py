@@ -44,6 +44,7 @@ class JobHandler:
         self.writer = writer
         self.limits = DecodeLimits(settings.min_image_side, settings.max_image_pixels)
         self.runtimes: dict[str, ModelRuntime] = {}
+        self.refused: dict[str, str] = {}  # models this process does not serve, with why (CollectionStore.refused)
         self._fetcher: ImageFetcher | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
 
@@ -55,9 +56,12 @@ class JobHandler:
         writer: Writer,
         stack: AsyncExitStack,
         metrics: Metrics,
+        refused: dict[str, str] | None = None,
     ) -> JobHandler:
-        """Start every actor this handler needs; `stack` closes them in reverse order."""
+        """Start every actor this handler needs; `stack` closes them in reverse order. `refused`: the models
+        this process does not serve, with why (CollectionStore.refused): their jobs answer model_refused."""
         self = cls(settings, writer, metrics)
+        self.refused = dict(refused or {})
         self._decode_pool = pool(stack, ThreadPoolExecutor(max(1, settings.decode_threads),
                                                            thread_name_prefix="idios-decode"))
         model_pool = pool(stack, ThreadPoolExecutor(1, thread_name_prefix="idios-onnx"))
@@ -90,6 +94,9 @@ class JobHandler:
             return JobResult()
         runtime = self.runtimes.get(job.model)
         if runtime is None:
+            if job.model in self.refused:
+                why = self.refused[job.model]
+                raise errors.ModelRefused(f"Model {job.model!r} is not served by this worker: {why}")
             raise errors.ModelNotFound(f"Model {job.model!r} is not loaded by this worker")
         if job.kind is JobKind.EMBED:
             return JobResult(embedding=await self._embed_image(runtime, job))

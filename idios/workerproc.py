@@ -65,10 +65,10 @@ async def listen(runner: web.AppRunner, host: str, first: int) -> int:
 async def run_worker(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then stop consuming, drain within drain_timeout and exit."""
     require_distributed(settings)
-    specs = discover(settings.models_dir)
     async with stop_signal() as stop, AsyncExitStack() as stack:
-        store = await stack.enter_async_context(CollectionStore(settings, specs))
-        handler = await JobHandler.open(settings, specs, Writer(settings, store), stack, Metrics())
+        store = await stack.enter_async_context(CollectionStore(settings, discover(settings.models_dir)))
+        specs = store.served()  # a refused model (idios/identity.py) is not loaded: its jobs answer model_refused
+        handler = await JobHandler.open(settings, specs, Writer(settings, store), stack, Metrics(), store.refused)
         consumer = await stack.enter_async_context(JobConsumer(settings, handler))
         health = "off"
         if settings.health_port:

@@ -212,3 +212,44 @@ async def test_a_collection_found_without_its_index_gets_one(
                 assert await store.count("thumb_grid") == 0
         finally:
             bare.close()
+
+
+async def test_a_worker_with_other_weights_is_refused_by_the_identity_the_api_recorded(
+    tmp_path: Path, models_dir: Path, milvus: MilvusStandalone
+) -> None:
+    """The identity records (idios__models, read Strong) are shared by a deployment's processes: the API records
+    the files it found; a worker started afterwards on another host's folder, whose thumb_grid is other bytes,
+    sees that record, does not serve thumb_grid (one error line naming both hashes) and serves thumb_text."""
+    import dataclasses
+    import hashlib
+    import shutil
+
+    import onnx
+
+    import make_thumb_model  # scripts/, on sys.path through tests.conftest
+
+    other = tmp_path / "other-models"
+    shutil.copytree(models_dir, other)
+    model = make_thumb_model.visual_model()
+    model.doc_string = "other weights"
+    onnx.save(model, other / "thumb_grid" / "visual.onnx")
+    old = hashlib.sha256((models_dir / "thumb_grid" / "visual.onnx").read_bytes()).hexdigest()
+    new = hashlib.sha256((other / "thumb_grid" / "visual.onnx").read_bytes()).hexdigest()
+    async with distributed(tmp_path, models_dir, milvus, workers=0) as (svc, settings, _):
+        status, models = await call(svc.http, "GET", f"{svc.url}/models")
+        assert status == 200 and {m["name"]: m["identity"]["visual_sha256"] for m in models}["thumb_grid"] == old
+        log = tmp_path / "other-worker.log"
+        worker = start_worker(dataclasses.replace(settings, models_dir=other), log, health_port=free_port())
+        try:
+            deadline = time.monotonic() + 120
+            while "worker ready" not in log.read_text() and time.monotonic() < deadline:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.5)
+            text = log.read_text()
+            refusals = [line for line in text.splitlines() if "is not served" in line]
+            assert len(refusals) == 1 and "model thumb_grid" in refusals[0], text[-3000:]
+            assert old[:12] in refusals[0] and new[:12] in refusals[0]
+            assert "worker ready: models thumb_text;" in text
+        finally:
+            rc = stop_worker(worker)
+        assert rc == 0

@@ -39,11 +39,36 @@ class ModelEngines(BaseModel):
     text: TowerEngine | None = Field(description="null without a text tower, or with text search off")
 
 
+class ModelIdentity(BaseModel):
+    visual_sha256: str = Field(description="sha256 of the model's visual ONNX file, hashed at start-up")
+    dim: int
+
+
+SOURCE = ("where the weights came from, as the manifest's `source` says (say `{repo, revision, layout}`); null for "
+          "a model exported or built locally")
+IDENTITY = ("the model's files as found at start-up; its collection records the identity that filled it, and "
+            "files that differ from it are refused")
+
+
 class ModelInfo(BaseModel):
     name: str
     dim: int = Field(description="length of the embedding vectors")
     text: bool = Field(description="true when the model has a text tower: search by `text` works")
     engines: ModelEngines = Field(description="what runs each tower in this process (IDIOS_ENGINE, IDIOS_PRECISION)")
+    source: Any = Field(description=SOURCE)
+    identity: ModelIdentity | None = Field(description=IDENTITY)
+
+
+class RefusedModel(BaseModel):
+    """A model folder that is not served: its files differ from the weights its collection was filled with."""
+
+    name: str
+    dim: int = Field(description="length of the embedding vectors its files make")
+    text: bool = Field(description="always false: a refused model answers no search")
+    refused: str = Field(description="why, naming the stored and the found visual sha256; its routes answer 409 "
+                                     "`model_refused`")
+    source: Any = Field(description=SOURCE)
+    identity: ModelIdentity | None = Field(description=IDENTITY)
 
 
 class Hit(BaseModel):
@@ -95,7 +120,7 @@ REQUESTS: list[type[BaseModel]] = [
     AddRequest, SearchRequest, CompareRequest, RemoveRequest, PageRequest, DumpRequest, RestoreItem,
 ]
 RESPONSES: list[type[BaseModel]] = [
-    ModelInfo, Hit, BulkResult, DumpRow, ValidationErrorBody, ErrorBody,
+    ModelInfo, RefusedModel, Hit, BulkResult, DumpRow, ValidationErrorBody, ErrorBody,
 ]
 
 
@@ -126,6 +151,8 @@ MALFORMED = {"400": {"description": "A malformed HTTP request: in plain text fro
                                  "application/json": {"schema": ref(ErrorBody)}}}}
 MODEL_ERRORS = {
     "404": error(ErrorBody, "No such model (`model_not_found`, with `models`: the loaded ones)"),
+    "409": error(ErrorBody, "`model_refused`: the model's files differ from the weights its collection was filled "
+                            "with, so it is not served (GET /models says why)"),
     "500": error(ErrorBody, "`internal_error` or `worker_error`: a message and a request id, never a traceback"),
 }
 BODY_ERRORS = {
@@ -206,8 +233,9 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
             {**NO_CONTENT, **JOB_ERRORS}, request=body(AddRequest, ADD_FORM))},
         "/models/{model}/search_add": {"post": op(
             "Add an image unless its url is stored", "As add, but a stored url answers 409 and is left unchanged.",
-            {**NO_CONTENT, "409": error(ErrorBody, "`already_inserted`: detail \"Image already inserted\""),
-             **JOB_ERRORS}, request=body(AddRequest, ADD_FORM))},
+            {**NO_CONTENT, **JOB_ERRORS,
+             "409": error(ErrorBody, "`already_inserted`: detail \"Image already inserted\"; or `model_refused`")},
+            request=body(AddRequest, ADD_FORM))},
         "/models/{model}/add_bulk": {"post": op(
             "Add many images", f"At most {bulk} items; each one succeeds or fails on its own.",
             {"200": json_answer(ref(BulkResult), "what happened to each url"), **JOB_ERRORS},
@@ -265,8 +293,11 @@ def service_paths() -> dict[str, dict[str, Any]]:
                             {"200": json_answer({"const": "pong"}, "alive"),
                              "500": MODEL_ERRORS["500"], "504": JOB_ERRORS["504"]},
                             params=[rpc], model=False, tag="service")},
-        "/models": {"get": op("The loaded models", "Name, embedding size and whether text search works.",
-                              {"200": json_answer({"type": "array", "items": ref(ModelInfo)}, "models")},
+        "/models": {"get": op("The loaded models", "Name, embedding size, whether text search works, what runs "
+                              "each tower, and the weights' source and identity; then the refused models, if any.",
+                              {"200": json_answer({"type": "array",
+                                                   "items": {"anyOf": [ref(ModelInfo), ref(RefusedModel)]}},
+                                                  "models")},
                               model=False, tag="service")},
         "/metrics": {"get": op("Prometheus metrics", "Requests, latencies, jobs, batch sizes and times, fetch "
                                "failures by type, queue depth (distributed deployment).",

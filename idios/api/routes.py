@@ -49,8 +49,11 @@ def backend(request: web.Request) -> Backend:
 
 def model_of(request: web.Request) -> ModelSpec:
     name = request.match_info["model"]
-    specs = backend(request).specs
+    be = backend(request)
+    specs = be.specs
     if name not in specs:
+        if name in be.refused:
+            raise errors.ModelRefused(f"Model {name!r} is not served: {be.store.refused[name]}")
         raise errors.ModelNotFound(f"Model {name!r} not found", models=sorted(specs))
     return specs[name]
 
@@ -94,12 +97,24 @@ async def ping(request: web.Request) -> web.Response:
 @routes.get("/models")
 async def list_models(request: web.Request) -> web.Response:
     be = backend(request)
-    return json_response([
+    served = [
         {"name": s.name, "dim": s.dim, "text": s.name in be.texts,
          "engines": {"visual": engine_of(be.visual.get(s.name)),
-                     "text": engine_of(be.texts[s.name].encoder.tower if s.name in be.texts else None)}}
+                     "text": engine_of(be.texts[s.name].encoder.tower if s.name in be.texts else None)},
+         **identity_of(be, s)}
         for s in be.specs.values()
-    ])
+    ]
+    refused = [{"name": s.name, "dim": s.dim, "text": False, "refused": be.store.refused[s.name], **identity_of(be, s)}
+               for s in be.refused.values()]
+    return json_response(served + refused)
+
+
+def identity_of(be: Backend, spec: ModelSpec) -> dict[str, Any]:
+    """Where a model's weights came from (its manifest's `source`) and the identity of its files as they are
+    (idios/identity.py); for a refused model, the files that are not the ones its collection was filled by."""
+    found = be.store.identities.get(spec.name)
+    return {"source": spec.raw.get("source"),
+            "identity": None if found is None else {"visual_sha256": found.visual_sha256, "dim": found.dim}}
 
 
 def engine_of(tower: Tower | None) -> dict[str, str] | None:

@@ -120,7 +120,7 @@ function onModelChange() {
 }
 
 async function loadModels() {
-  state.models = await api("models");
+  state.models = (await api("models")).filter((m) => !m.refused);  // refused: not served (see GET /models)
   const select = $("model");
   select.replaceChildren(...state.models.map((m) => new Option(m.name, m.name)));
   if (!state.models.length) {
