@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Add many images (10^5-10^6) to an Idios service through POST /models/{model}/add_bulk, resumably."""
+"""Add many images (10^5-10^6) to an Idios service through POST /models/{model}/add_bulk, resumably; or move what
+one model holds to another (--from-model)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest_input import FORMATS, InputSpec, Record, open_text, read_records
+from ingest_input import DUMP_PAGE, FORMATS, InputSpec, Record, model_records, open_text, read_records
 from ingest_input import count_records as count_input
 from ingest_state import DoneRanges, StateLog, load_state
 from service_client import (
@@ -51,6 +53,15 @@ metadata). Items failing for a reason that may pass (image_timeout, image_unreac
 errors) are retried --item-retries times first. Requests are retried after connection errors, timeouts, 429
 and 5xx (--retries, exponential backoff). To retry the failures later: bulk_ingest.py FAILED_FILE --model M.
 
+Moving to another model (--from-model OLD --model NEW, no INPUT): the records are the url and metadata of every
+row OLD holds, paged through POST /models/OLD/dump in the service's cursor order (by url) and numbered from 0;
+NEW fetches and embeds each image itself. Pages are fetched as the senders need them, so memory stays at about
+one page whatever OLD holds. The numbering is stable as long as OLD is not written, so an interrupted run resumes
+like any other. Default files: from-OLD.NEW.state.jsonl and from-OLD.NEW.failed.jsonl in the current folder; the
+state file is refused for another server or another OLD. If OLD was written in between, start over with a new
+state file: what NEW already holds is answered "found" without being fetched again (or pass --skip-existing).
+The bar's total is GET /models/OLD/count. OLD is left as it is; remove its rows yourself once NEW is checked.
+
 Output: a progress bar on stderr (rate, ETA) and, at the end, one JSON line on stdout with this run's counts.
 Exit status: 0 when every record was handled, failed images included; 2 for bad arguments or input;
 3 when the service cannot be reached after the retries or refuses the requests (bad key, unknown model,
@@ -85,9 +96,14 @@ class Totals:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="the list of images: a file, or - for stdin")
+    p.add_argument("input", nargs="?", help="the list of images: a file, or - for stdin (not with --from-model)")
     add_service_args(p)
     g = p.add_argument_group("input")
+    g.add_argument("--from-model", metavar="OLD",
+                   help="instead of INPUT: add the url and metadata of every row model OLD holds (re-embedding them "
+                        "into --model)")
+    g.add_argument("--page-size", type=int,
+                   help=f"with --from-model: rows per dump request of OLD, at most 16384 (default: {DUMP_PAGE})")
     g.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: %(default)s)")
     g.add_argument("--url-column", default="url", help="CSV: the column holding the url (default: %(default)s)")
     g.add_argument("--metadata-column", help="CSV: a column holding a JSON object used as the metadata")
@@ -101,11 +117,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--skip-existing", action="store_true",
                    help="first list the urls the service holds (POST /urls) and never send those")
     g = p.add_argument_group("files")
-    g.add_argument("--state", type=Path, help="the state file (default: INPUT.MODEL.state.jsonl)")
+    g.add_argument("--state", type=Path,
+                   help="the state file (default: INPUT.MODEL.state.jsonl; from-OLD.MODEL.state.jsonl in the current "
+                        "folder with --from-model)")
     g.add_argument("--no-state", action="store_true", help="keep no state: a re-run starts from the beginning")
     g.add_argument("--failed", type=Path,
                    help="where failed records go, JSON Lines (default: INPUT.MODEL.failed.jsonl, "
-                        "or bulk_ingest.MODEL.failed.jsonl for stdin)")
+                        "bulk_ingest.MODEL.failed.jsonl for stdin, from-OLD.MODEL.failed.jsonl with --from-model)")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -119,6 +137,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--concurrency must be at least 1")
     if args.limit is not None and args.limit < 0:
         p.error("--limit must not be negative")
+    if args.from_model is not None:
+        check_from_model(p, args)
+        return
+    if args.input is None:
+        p.error("give INPUT (a file, or - for stdin) or --from-model OLD")
+    if args.page_size is not None:
+        p.error("--page-size is for --from-model")
     stdin = args.input == "-"
     if not stdin and not Path(args.input).is_file():
         p.error(f"no such file: {args.input}")
@@ -130,23 +155,82 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.failed = Path(f"{args.input}.{args.model}.failed.jsonl" if not stdin else f"bulk_ingest.{args.model}.failed.jsonl")
 
 
+def check_from_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--from-model OLD: no INPUT and none of its options, another model than --model; default file names."""
+    if args.input is not None:
+        p.error("give either INPUT or --from-model, not both")
+    if not args.from_model:
+        p.error("--from-model needs a model name")
+    if args.from_model == args.model:
+        p.error(f"--from-model and --model are both {args.model!r}: name the model to move to with --model")
+    input_options = (("--format", args.format, "auto"), ("--url-column", args.url_column, "url"),
+                     ("--metadata-column", args.metadata_column, None))
+    given = [flag for flag, value, default in input_options if value != default]
+    if given:
+        p.error(f"{', '.join(given)}: only for an INPUT file, not with --from-model")
+    if args.page_size is None:
+        args.page_size = DUMP_PAGE
+    elif not 1 <= args.page_size <= 16384:
+        p.error("--page-size must be between 1 and 16384")
+    stem = f"from-{args.from_model}.{args.model}"
+    if args.no_state:
+        args.state = None
+    elif args.state is None:
+        args.state = Path(f"{stem}.state.jsonl")
+    if args.failed is None:
+        args.failed = Path(f"{stem}.failed.jsonl")
+
+
+def source_name(args: argparse.Namespace) -> str:
+    """What the records come from, as the state file's header names it: the input file, -, or OLD's url."""
+    if args.from_model is not None:
+        return f"{args.server.rstrip('/')}/models/{args.from_model}"
+    return "-" if args.input == "-" else str(Path(args.input).resolve())
+
+
 def input_spec(args: argparse.Namespace) -> InputSpec:
     return InputSpec(args.input, args.format, args.url_column, args.metadata_column)
 
 
 def count_records(args: argparse.Namespace) -> int | None:
     """How many records the input holds (None for stdin, which can be read once only)."""
+    limit: int | None = args.limit
     if args.input == "-":
-        return args.limit
+        return limit
     with open_text(args.input) as f:
         n = count_input(input_spec(args), f)
+    return n if limit is None else min(n, limit)
+
+
+async def count_model(client: ServiceClient, args: argparse.Namespace) -> int:
+    """How many records --from-model holds (GET /models/OLD/count), at most --limit."""
+    n = int(await client.request("GET", client.model_path("count", args.from_model)))
     return n if args.limit is None else min(n, args.limit)
 
 
-def batches(records: Iterator[Record], args: argparse.Namespace, done: DoneRanges, totals: Totals) -> Iterator[list[Record]]:
+async def each(records: Iterator[Record]) -> AsyncGenerator[Record, None]:
+    """A file's records as an async iterator, as the records of --from-model come."""
+    for rec in records:
+        yield rec
+
+
+@asynccontextmanager
+async def open_records(args: argparse.Namespace, client: ServiceClient) -> AsyncIterator[AsyncIterator[Record]]:
+    """The records of this run: the input file's, or those of --from-model, streamed page by page."""
+    if args.from_model is not None:
+        async with aclosing(model_records(client, args.from_model, args.page_size)) as rows:
+            yield rows
+        return
+    with open_text(args.input) as stream:
+        async with aclosing(each(read_records(input_spec(args), stream))) as recs:
+            yield recs
+
+
+async def batches(records: AsyncIterator[Record], args: argparse.Namespace, done: DoneRanges,
+                  totals: Totals) -> AsyncGenerator[list[Record], None]:
     """Records not yet done, grouped `--batch` at a time; stops at --limit."""
     batch: list[Record] = []
-    for rec in records:
+    async for rec in records:
         if args.limit is not None and rec.position >= args.limit:
             break
         totals.records += 1
@@ -235,14 +319,15 @@ async def stored_urls(client: ServiceClient) -> frozenset[str]:
         cursor = page[-1]
 
 
-async def produce(records: Iterator[Record], args: argparse.Namespace, done: DoneRanges, totals: Totals,
+async def produce(records: AsyncIterator[Record], args: argparse.Namespace, done: DoneRanges, totals: Totals,
                   queue: asyncio.Queue[list[Record] | None]) -> None:
-    """Feed batches to the senders, then one stop mark per sender."""
+    """Feed batches to the senders (the bounded queue holds back the reading), then one stop mark per sender."""
     try:
-        for batch in batches(records, args, done, totals):
-            await queue.put(batch)
+        async with aclosing(batches(records, args, done, totals)) as grouped:
+            async for batch in grouped:
+                await queue.put(batch)
     except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise ScriptError(f"cannot read {args.input}: {exc}", EXIT_USAGE) from None
+        raise ScriptError(f"cannot read {source_name(args)}: {exc}", EXIT_USAGE) from None
     for _ in range(args.concurrency):
         await queue.put(None)
 
@@ -261,16 +346,18 @@ async def consume(client: ServiceClient, args: argparse.Namespace, existing: fro
 
 async def ingest(args: argparse.Namespace) -> int:
     """The whole run: check the service, then stream the input through `--concurrency` senders."""
-    header = {"bulk_ingest": 1, "model": args.model,
-              "input": "-" if args.input == "-" else str(Path(args.input).resolve())}
+    header = {"bulk_ingest": 1, "model": args.model, "input": source_name(args)}
     try:
         done = load_state(args.state, header) if args.state is not None else DoneRanges()
-        total = count_records(args)
+        total = count_records(args) if args.from_model is None else None
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise ScriptError(str(exc), EXIT_USAGE) from None
     totals = Totals()
     async with ServiceClient(args) as client:
         await client.check_model()
+        if args.from_model is not None:
+            await client.check_model(args.from_model)
+            total = await count_model(client, args)
         existing = await stored_urls(client) if args.skip_existing else frozenset()
         if args.skip_existing:
             say(f"{args.model} holds {len(existing)} urls; those are not sent")
@@ -278,8 +365,7 @@ async def ingest(args: argparse.Namespace) -> int:
         bar = progress(args, total, "img", initial=done.below(total if total is not None else args.limit))
         queue: asyncio.Queue[list[Record] | None] = asyncio.Queue(maxsize=args.concurrency)
         try:
-            with open_text(args.input) as stream:
-                records = read_records(input_spec(args), stream)
+            async with open_records(args, client) as records:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(produce(records, args, done, totals, queue))
                     for _ in range(args.concurrency):

@@ -78,7 +78,7 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
 
 def backoff(attempt: int, cap: float) -> float:
     """Exponential backoff with jitter: about 0.5 s, 1 s, 2 s, … never above `cap`."""
-    return min(cap, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
+    return min(cap, 0.5 * 2.0**attempt) * random.uniform(0.5, 1.0)
 
 
 class ServiceClient:
@@ -103,8 +103,9 @@ class ServiceClient:
         if self._http is not None:
             await self._http.close()
 
-    def model_path(self, route: str) -> str:
-        return f"/models/{self.model}/{route}"
+    def model_path(self, route: str, model: str | None = None) -> str:
+        """The path of `route` under `model` (default: --model)."""
+        return f"/models/{model or self.model}/{route}"
 
     async def request(self, method: str, path: str, body: bytes | None = None, raw: bool = False) -> Any:
         """Send one request; retry what may pass later; return the decoded JSON (None for 204), or with
@@ -137,14 +138,17 @@ class ServiceClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise ServiceError(f"{method} {path} failed: {type(exc).__name__}: {exc}".rstrip(": ")) from None
 
-    async def check_model(self) -> dict[str, Any]:
-        """The model's entry of GET /models, or a one-line error naming the models there are."""
+    async def check_model(self, model: str | None = None) -> dict[str, Any]:
+        """The entry of `model` (default: --model) in GET /models, or a one-line error naming the models there are."""
+        name = model or self.model
         models = await self.request("GET", "/models")
         for entry in models:
-            if entry.get("name") == self.model:
+            if entry.get("name") == name:
+                if entry.get("refused"):  # its files are not the ones that filled its collection
+                    raise ScriptError(f"model {name!r} is not served by {self.base}: {entry['refused']}", EXIT_USAGE)
                 return dict(entry)
         names = ", ".join(sorted(str(m.get("name")) for m in models)) or "none"
-        raise ScriptError(f"model {self.model!r} is not loaded by {self.base} (models: {names})", EXIT_USAGE)
+        raise ScriptError(f"model {name!r} is not loaded by {self.base} (models: {names})", EXIT_USAGE)
 
 
 def detail(raw: bytes, limit: int = 300) -> str:

@@ -4,10 +4,12 @@ one collection. Real services over real Milvus Lite files, real ONNX models buil
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,13 @@ async def test_other_weights_under_a_served_name_are_refused_and_the_other_model
             url = f"{images}/img/identity/grid.jpg"
             assert (await call(svc, "POST", "/models/thumb_grid/add", {"url": url}))[0] == 204
             assert await call(svc, "GET", "/models/thumb_grid/count") == (200, 1)
+            # the client scripts say so in one line instead of sending to it
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "scripts" / "bulk_ingest.py"), "--from-model", "thumb_grid",
+                "--model", "thumb_b", "--server", svc.url, "--no-state", "--failed", str(tmp_path / "f.jsonl"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 2 and b"'thumb_b' is not served" in err and b"Traceback" not in err, err
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "model thumb_b is not served" in errors[0], errors
     assert old[:12] in errors[0] and new[:12] in errors[0]

@@ -7,6 +7,7 @@ import base64
 import csv
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, Service, make_settings, running_service
+
+import make_thumb_model  # noqa: E402  (scripts/, on sys.path through tests.conftest)
 
 pytestmark = pytest.mark.timeout(150)
 SCRIPTS = ROOT / "scripts"
@@ -35,7 +38,8 @@ class Result:
         return json.loads(self.out.strip().splitlines()[-1])
 
 
-async def start(script: str, *args: str | Path, stdin: bool = False) -> asyncio.subprocess.Process:
+async def start(script: str, *args: str | Path, stdin: bool = False,
+                cwd: Path | None = None) -> asyncio.subprocess.Process:
     # A shell without job control starts background commands with SIGINT ignored, and an ignored signal stays
     # ignored across exec, so the script would never see the test's Ctrl-C (CI may run the suite that way).
     # A handled signal is reset to its default by exec: handle it here while the child starts. (Not with
@@ -47,17 +51,23 @@ async def start(script: str, *args: str | Path, stdin: bool = False) -> asyncio.
         return await asyncio.create_subprocess_exec(
             sys.executable, str(SCRIPTS / script), *map(str, args),
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd,
         )
     finally:
         if previous is signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-async def script(script_name: str, *args: str | Path, stdin: bytes | None = None) -> Result:
-    """Run one of the scripts to the end, as a user would, while the service answers in this event loop."""
-    proc = await start(script_name, *args, stdin=stdin is not None)
-    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=120)
+async def script(script_name: str, *args: str | Path, stdin: bytes | None = None, cwd: Path | None = None) -> Result:
+    """Run one of the scripts to the end, as a user would, while the service answers in this event loop; a script
+    still running when this fails (timeout, cancellation) is killed."""
+    proc = await start(script_name, *args, stdin=stdin is not None, cwd=cwd)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     return Result(proc.returncode or 0, out.decode(), err.decode())
 
 
@@ -338,6 +348,127 @@ async def test_restore_refuses_a_dimension_the_model_does_not_have(service: Serv
     page.write_text(json.dumps([{"url": f"http://dim.test/{uniq}", "metadata": {}, "embedding": [1.0, 2.0]}]))
     res = await script("restore.py", page, *service_args(service))
     assert res.rc == 3 and "dimension" in res.err
+
+
+@pytest.fixture
+async def two_models(tmp_path: Path) -> AsyncIterator[Service]:
+    """A service of its own holding thumb_grid (192-d) and thumb_wide (the same grid padded to 256-d, so that its
+    embeddings are told apart from thumb_grid's); stopped with the test."""
+    models = tmp_path / "two-models"
+    shutil.copytree(ROOT / "models" / "thumb_grid", models / "thumb_grid")
+    make_thumb_model.build(models / "thumb_wide", name="thumb_wide", dim=256)
+    async with running_service(make_settings(tmp_path / "data-two", models)) as svc:
+        yield svc
+
+
+def move_args(svc: Service) -> list[str]:
+    return ["--from-model", "thumb_grid", *service_args(svc, "thumb_wide")]
+
+
+async def dump_rows(svc: Service, model: str) -> list[dict[str, Any]]:
+    """Every row of `model` through the API, in its cursor order."""
+    rows: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        async with svc.http.post(svc.model(model) + "/dump", json={"cursor": cursor, "limit": 7}) as r:
+            assert r.status == 200, await r.text()
+            page = await r.json()
+        if not page:
+            return rows
+        rows += page
+        cursor = page[-1]["url"]
+
+
+async def add_to(svc: Service, model: str, items: list[dict[str, Any]]) -> None:
+    async with svc.http.post(svc.model(model) + "/add_bulk", json=items) as r:
+        answer = await r.json()
+        assert r.status == 200 and len(answer["added"]) == len(items), answer
+
+
+async def test_from_model_moves_every_url_and_metadata_into_the_new_model(
+    two_models: Service, images: str, uniq: str, tmp_path: Path
+) -> None:
+    svc = two_models
+    items: list[dict[str, Any]] = [{"url": f"{images}/img/{uniq}/{i}.jpg", "metadata": {"i": i, "s": f"é{i}"}}
+                                   for i in range(11)]
+    items.append({"url": f"{images}/img/{uniq}/bare.png"})
+    await add_to(svc, "thumb_grid", items)
+    gone = f"{images}/missing/{uniq}.jpg"  # a row whose image is no longer there: NEW cannot fetch it
+    async with svc.http.post(svc.model("thumb_grid") + "/restore",
+                             json=[{"url": gone, "metadata": {"kept": True}, "embedding": [1.0] + [0.0] * 191}]) as r:
+        assert r.status == 204
+    old = await dump_rows(svc, "thumb_grid")
+    assert len(old) == 13
+    res = await script("bulk_ingest.py", *move_args(svc), "--batch", "3", "--concurrency", "2", "--page-size", "4",
+                       cwd=tmp_path)
+    s = res.summary
+    assert (s["records"], s["sent"], s["added"], s["found"], s["failed"]) == (13, 13, 12, 0, 1), s
+    new = await dump_rows(svc, "thumb_wide")
+    assert [(r["url"], r["metadata"]) for r in new] == [(r["url"], r["metadata"]) for r in old if r["url"] != gone]
+    # the embeddings are thumb_wide's own, computed from the images, not thumb_grid's copied
+    assert {len(r["embedding"]) for r in old} == {192} and {len(r["embedding"]) for r in new} == {256}
+    async with svc.http.post(svc.model("thumb_wide") + "/search", json={"url": items[4]["url"], "limit": 3}) as r:
+        hits = await r.json()
+        assert r.status == 200, hits
+    assert hits[0]["url"] == items[4]["url"] and hits[0]["similarity"] > 99.9
+    assert hits[0]["metadata"] == {"i": 4, "s": "é4"}
+    # the default files are named after both models, in the current folder; the failure is valid input
+    state = read_jsonl(tmp_path / "from-thumb_grid.thumb_wide.state.jsonl")
+    assert state[0] == {"bulk_ingest": 1, "model": "thumb_wide", "input": f"{svc.url}/models/thumb_grid"}
+    assert sum(e - b for line in state[1:] for b, e in line["positions"]) == 13
+    failed = read_jsonl(tmp_path / "from-thumb_grid.thumb_wide.failed.jsonl")
+    position = [r["url"] for r in old].index(gone)
+    assert [(f["url"], f["position"], f["type"], f["metadata"]) for f in failed] == [
+        (gone, position, "image_http_error", {"kept": True})]
+    again = (await script("bulk_ingest.py", *move_args(svc), cwd=tmp_path)).summary
+    assert (again["already_done"], again["sent"]) == (13, 0)
+    skip = (await script("bulk_ingest.py", *move_args(svc), "--no-state", "--skip-existing", cwd=tmp_path)).summary
+    assert (skip["records"], skip["sent"], skip["found"], skip["failed"]) == (13, 1, 12, 1), skip
+    assert await (await svc.http.get(svc.model("thumb_grid") + "/count")).json() == 13  # the old model is kept
+
+
+async def test_from_model_with_a_limit_then_resumed_sends_only_the_rest(
+    two_models: Service, images: str, uniq: str, tmp_path: Path
+) -> None:
+    svc = two_models
+    items = [{"url": f"{images}/img/{uniq}/{i}.jpg", "metadata": {"i": i}} for i in range(10)]
+    await add_to(svc, "thumb_grid", items)
+    first = (await script("bulk_ingest.py", *move_args(svc), "--limit", "4", "--batch", "2", "--page-size", "3",
+                          cwd=tmp_path)).summary
+    assert (first["records"], first["sent"], first["added"]) == (4, 4, 4), first
+    old_urls = [r["url"] for r in await dump_rows(svc, "thumb_grid")]
+    assert [r["url"] for r in await dump_rows(svc, "thumb_wide")] == old_urls[:4]  # the first 4 in cursor order
+    second = (await script("bulk_ingest.py", *move_args(svc), "--batch", "4", "--page-size", "3",
+                           cwd=tmp_path)).summary
+    assert (second["records"], second["already_done"], second["sent"], second["added"], second["found"]) == \
+        (10, 4, 6, 6, 0), second
+    new = await dump_rows(svc, "thumb_wide")
+    assert [(r["url"], r["metadata"]) for r in new] == [(it["url"], it["metadata"]) for it in
+                                                       sorted(items, key=lambda it: str(it["url"]))]
+    assert [r["url"] for r in new] == old_urls
+
+
+async def test_from_model_errors_are_one_line(two_models: Service, tmp_path: Path) -> None:
+    svc = two_models
+    unknown = await script("bulk_ingest.py", "--from-model", "no_such_model", *service_args(svc, "thumb_wide"),
+                           cwd=tmp_path)
+    assert unknown.rc == 2 and len(unknown.err.strip().splitlines()) == 1, unknown.err
+    assert "no_such_model" in unknown.err and "thumb_grid" in unknown.err and "Traceback" not in unknown.err
+    unreachable = await script("bulk_ingest.py", "--from-model", "thumb_grid", "--server", "http://127.0.0.1:9",
+                               "--model", "thumb_wide", "--retries", "1", "--backoff-max", "0.1", cwd=tmp_path)
+    assert unreachable.rc == 3 and len(unreachable.err.strip().splitlines()) == 1, unreachable.err
+    assert not list(tmp_path.glob("from-*"))  # nothing was written for runs that never started
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("http://example.org/a.jpg\n")
+    for bad in (["--model", "thumb_wide"],  # neither INPUT nor --from-model
+                [list_file, *move_args(svc)],  # both
+                ["--from-model", "thumb_wide", "--model", "thumb_wide"],  # into itself
+                [*move_args(svc), "--format", "csv"],
+                [*move_args(svc), "--page-size", "0"],
+                [list_file, "--model", "thumb_wide", "--page-size", "10"]):
+        res = await script("bulk_ingest.py", *bad, cwd=tmp_path)
+        assert res.rc == 2 and res.err.strip().splitlines()[-1].startswith("bulk_ingest.py: error:"), (bad, res.err)
+    assert "from-OLD.MODEL.state.jsonl" in (await script("bulk_ingest.py", "--help")).out.replace("\n", " ")
 
 
 def test_tool_pins_match_the_runtime_pins() -> None:
