@@ -1,4 +1,5 @@
-"""Command line: `python -m idios serve` runs the embedded service (API + worker in one process)."""
+"""Command line: `python -m idios serve` runs the embedded service (API + worker in one process); `pull` fetches
+a CLIP model from a Hugging Face hub."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import orjson
 from idios.engines import check_names
+from idios.hub import SHORT_NAMES
 from idios.engines.onnxruntime import providers_for
 from idios.memory import fix_mmap_threshold
 from idios.settings import Settings, add_arguments, from_args, require_distributed
@@ -39,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "least cosine is at least 0.999.",
     )
     fidelity.add_argument("model_dir", type=Path, help="a model folder (with manifest.json)")
+    pull = commands.add_parser(
+        "pull", help="fetch a CLIP model from a Hugging Face hub into models/NAME (no torch needed)",
+        description="Fetches Immich's ONNX exports of CLIP (immich-app/...) or a repo laid out as a models/NAME "
+                    "folder, checks that the service can serve it exactly, and installs it. huggingface_hub's "
+                    "settings apply: HF_ENDPOINT (a mirror), HF_TOKEN, HF_HUB_OFFLINE, HF_HOME (its cache). "
+                    "Short names: " + "; ".join(f"{k} = {v[0]} ({v[1]})" for k, v in SHORT_NAMES.items()),
+    )
+    pull.add_argument("model", help="a short name or a repo (ORG/NAME)")
+    pull.add_argument("--name", help="the name to serve it under (default: the short name, or from the repo)")
+    pull.add_argument("--models-dir", type=Path, default=None, help="default: IDIOS_MODELS_DIR or models")
+    pull.add_argument("--revision", help="a branch, tag or commit of the repo (default: main)")
+    pull.add_argument("--fidelity-images", type=Path, metavar="DIR",
+                      help="then measure bf16 against fp32 on these real photos (at least 8), so that "
+                           "IDIOS_PRECISION=auto may run it in bf16")
     fidelity.add_argument("--images", type=Path, required=True,
                           help="a folder of real photos, at least 8, like the ones the model will see")
     return parser
@@ -54,6 +70,27 @@ def run_fidelity(model_dir: Path, images: Path) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(orjson.dumps({"model": model_dir.name, "bf16": result}).decode())
+    return 0
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    """`python -m idios pull`: one line on success or failure; 2 = refused, 1 = the hub or the disk failed."""
+    from idios.hub import PullError, pull
+
+    models_dir = args.models_dir or Settings.from_env().models_dir
+    try:
+        done = pull(args.model, models_dir, args.name, args.revision)
+    except PullError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.status
+    if done.already:
+        print(f"{done.folder} already holds {done.repo}@{done.revision[:12]}")
+    else:
+        towers = "image and text search" if done.text else "image search only"
+        print(f"pulled {done.repo}@{done.revision[:12]} into {done.folder} ({done.layout} layout, {done.dim}-d, "
+              f"{towers}); restart the service to serve it")
+    if args.fidelity_images:
+        return run_fidelity(done.folder, args.fidelity_images)
     return 0
 
 
@@ -84,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "fidelity":
         raise SystemExit(run_fidelity(args.model_dir, args.images))
+    if args.command == "pull":
+        logging.basicConfig(level="WARNING")
+        raise SystemExit(run_pull(args))
     settings = from_args(args)
     configure_logging(settings)
     fix_mmap_threshold(settings.malloc_mmap_threshold_kb)  # before any model is loaded
@@ -105,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     from idios.api.app import create_app, serve_http  # not imported by a worker
     from idios.composition import distributed_backend, embedded_backend
 
+    if args.command == "serve":
+        from idios.hub import first_run
+
+        first_run(settings.models_dir, settings.default_model)
     factory = embedded_backend if args.command == "serve" else distributed_backend
     asyncio.run(serve_http(create_app(settings, factory), settings))
 

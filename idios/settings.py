@@ -17,6 +17,10 @@ def _bool(text: str) -> bool:
     return text.strip().lower() in _TRUE
 
 
+# settings whose empty value means something (IDIOS_DEFAULT_MODEL= : never pull); elsewhere empty = the default
+EMPTY_IS_A_VALUE = frozenset({"default_model"})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every tunable of the service. Each field maps to the environment variable IDIOS_<NAME>."""
@@ -25,6 +29,8 @@ class Settings:
     port: int = field(default=4213, metadata={"help": "HTTP API port"})
     data_dir: Path = field(default=Path("data"), metadata={"help": "folder for the Milvus Lite file and other state"})
     models_dir: Path = field(default=Path("models"), metadata={"help": "folder holding one sub-folder per model"})
+    default_model: str = field(default="vit_b32", metadata={
+        "help": "model `serve` pulls from the hub when models_dir holds no CLIP model (empty = never)"})
     amqp_url: str | None = field(default=None, metadata={"help": "RabbitMQ URL; unset = in-process job bus"})
     queue_prefix: str = field(default="idios", metadata={"help": "prefix of every RabbitMQ queue Idios declares"})
     prefetch: int = field(default=0, metadata={"help": "AMQP prefetch per worker (0 = 4 x max_batch)"})
@@ -106,7 +112,7 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f"IDIOS_{f.name.upper()}")
-            if raw is not None and raw != "":
+            if raw is not None and (raw != "" or f.name in EMPTY_IS_A_VALUE):
                 values[f.name] = _convert(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 import uuid
@@ -27,6 +28,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import make_thumb_model
 from milvus_standalone import MilvusStandalone
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """No test reaches a model hub: `serve` pulls no default model, and huggingface_hub stays offline unless a
+    test points it at its own stand-in hub (tests/hubserver.py). Processes the tests start inherit this."""
+    os.environ["IDIOS_DEFAULT_MODEL"] = ""
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

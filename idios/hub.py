@@ -1,0 +1,362 @@
+"""`python -m idios pull`: CLIP models from a Hugging Face hub into `models/NAME`, without torch.
+
+Two layouts are read. Immich's published ONNX exports (`immich-app/ViT-B-32__openai` and dozens more): open_clip's
+`config.json` at the top, `visual/model.onnx` with `visual/preprocess_cfg.json`, `textual/model.onnx` with the
+Hugging Face tokenizer files; their towers take `image` (float32) and `text` (int32), or `input_ids` and
+`attention_mask` for M-CLIP's multilingual text towers, some of them at a batch size fixed to 1. And ours: a repo
+holding a `models/NAME/` folder as this service reads it (`manifest.json` and the files it names).
+
+Files come through huggingface_hub, so HF_ENDPOINT (a mirror), HF_TOKEN, HF_HUB_OFFLINE and its cache (HF_HOME)
+apply. A pull builds the folder beside its final place and renames it in at the end, so an interrupted or refused
+pull leaves nothing a starting service would read. What the service cannot serve exactly (a letterboxed resize,
+an unknown filter, towers whose inputs or outputs do not fit) is refused with one line instead of served
+approximately."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from idios.models import INTERPOLATIONS, MANIFEST, NAME_RE, RESIZES, load_manifest
+
+log = logging.getLogger(__name__)
+
+# short names for the common ones; any other repo is named as ORG/NAME
+SHORT_NAMES: dict[str, tuple[str, str]] = {
+    "vit_b32": ("immich-app/ViT-B-32__openai", "OpenAI CLIP ViT-B/32: English, 512-d, the quick one"),
+    "vit_b16": ("immich-app/ViT-B-16__openai", "OpenAI CLIP ViT-B/16: English, 512-d, finer detail"),
+    "vit_l14": ("immich-app/ViT-L-14__openai", "OpenAI CLIP ViT-L/14: English, 768-d, best and slowest"),
+    "xlm_b32": ("immich-app/XLM-Roberta-Large-Vit-B-32",
+                "M-CLIP XLM-RoBERTa-Large text (50+ languages) with OpenAI's ViT-B/32 images, 512-d"),
+}
+IMMICH_SMALL = ["config.json", "visual/preprocess_cfg.json", "textual/tokenizer_config.json"]
+IMMICH_FILES = ["visual/model.onnx*", "textual/model.onnx*", "textual/tokenizer.json"]
+PROBE_TEXT = "a photo of a cat"
+
+
+class PullError(Exception):
+    """A pull that did not happen: one line for the user, and the exit status."""
+
+    status = 1
+
+
+class Refused(PullError):
+    """A repo the service cannot serve exactly, or a request it will not carry out."""
+
+    status = 2
+
+
+@dataclass(frozen=True)
+class Pulled:
+    name: str
+    folder: Path
+    repo: str
+    revision: str
+    layout: str
+    text: bool
+    dim: int
+    already: bool = False
+
+
+def resolve(ref: str) -> tuple[str, str]:
+    """A short name or ORG/NAME → (repo, the model name it is served under by default)."""
+    if ref in SHORT_NAMES:
+        return SHORT_NAMES[ref][0], ref
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
+        return ref, re.sub(r"_+", "_", re.sub(r"[^a-z0-9]", "_", ref.split("/")[1].lower())).strip("_")
+    raise Refused(f"{ref!r} is neither a short name ({', '.join(SHORT_NAMES)}) nor a repo named ORG/NAME")
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
+
+
+def pull(ref: str, models_dir: Path, name: str | None = None, revision: str | None = None) -> Pulled:
+    """Fetch `ref` and install it as `models_dir/NAME`; raises PullError (or Refused) with one line."""
+    repo, default_name = resolve(ref)
+    name = name or default_name
+    if not NAME_RE.match(name):
+        raise Refused(f"model name {name!r} must match {NAME_RE.pattern} (choose one with --name)")
+    target = models_dir / name
+    snapshot = _fetch(repo, revision, ["manifest.json", *IMMICH_SMALL])
+    commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else (revision or "main")
+    layout = "idios" if (snapshot / MANIFEST).is_file() else "immich" if (snapshot / "config.json").is_file() else None
+    if layout is None:
+        raise Refused(f"{repo} is no model repo Idios can read: it has neither manifest.json (a models/NAME folder "
+                      "of ours) nor config.json with visual/model.onnx (Immich's layout)")
+    existing = _existing(target)
+    if existing is not None:
+        if existing.get("repo") == repo and existing.get("revision") == commit:
+            spec = load_manifest(target)
+            return Pulled(name, target, repo, commit, layout, spec.has_text, spec.dim, already=True)
+        held = f"{existing['repo']}@{str(existing.get('revision'))[:12]}" if existing else "another model"
+        raise Refused(f"{target} already holds {held}: pull with --name OTHER, or remove the folder first (its "
+                      "collection was filled by those weights)")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=models_dir))  # discover() skips dot folders
+    try:
+        if layout == "idios":
+            manifest = _from_idios(repo, commit, snapshot, work)
+        else:
+            snapshot = _fetch(repo, commit, IMMICH_FILES)
+            manifest = _from_immich(snapshot, work)
+        if ref in SHORT_NAMES and layout == "immich":
+            manifest["description"] = SHORT_NAMES[ref][1]
+        manifest.update(name=name, source={"repo": repo, "revision": commit, "layout": layout},
+                        sha256={rel: _sha256(work / rel) for rel in _files(manifest)})
+        (work / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+        dim, text = check(work)
+        try:
+            os.rename(work, target)
+        except OSError as exc:
+            raise Refused(f"{target} appeared while pulling: {exc.strerror}") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Pulled(name, target, repo, commit, layout, text, dim)
+
+
+def _existing(target: Path) -> dict[str, Any] | None:
+    """The `source` of a model already at `target` ({} for one with none); None where there is no model."""
+    if not (target / MANIFEST).is_file():
+        if target.exists() and any(target.iterdir()):
+            raise Refused(f"{target} exists and is not a model folder: remove it, or pull with --name OTHER")
+        return None
+    try:
+        source = orjson.loads((target / MANIFEST).read_bytes()).get("source")
+    except orjson.JSONDecodeError:
+        source = None
+    return source if isinstance(source, dict) and "repo" in source else {}
+
+
+def _fetch(repo: str, revision: str | None, patterns: list[str]) -> Path:
+    """huggingface_hub's snapshot of the files of `repo` matching `patterns` (its cache, its settings)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except GatedRepoError:
+        raise PullError(f"{repo} is gated on {endpoint()}: accept its terms there and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise PullError(f"no model repo {repo} on {endpoint()} (a private one needs HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise PullError(f"{repo} has no revision {revision!r} on {endpoint()}") from None
+    except LocalEntryNotFoundError as exc:
+        if constants.is_offline_mode():
+            raise PullError(f"HF_HUB_OFFLINE is set and the cache holds no copy of {repo}") from None
+        cause = exc.__cause__ or exc
+        raise PullError(f"cannot reach the hub at {endpoint()} ({_brief(cause)}) and the cache holds no copy "
+                        f"of {repo}") from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "an error"
+        raise PullError(f"the hub at {endpoint()} answered {status} for {repo}") from None
+    except OSError as exc:
+        raise PullError(f"cannot store {repo}: {exc}") from None
+    except Exception as exc:  # the transport's own errors (huggingface_hub lets a few through unwrapped)
+        raise PullError(f"cannot reach the hub at {endpoint()} ({exc.__class__.__name__}: {_brief(exc)})") from None
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else exc.__class__.__name__)[:200]
+
+
+def _link(src: Path, dst: Path) -> None:
+    """One more name for a cached file (same disk), or a copy (another disk); never a symlink into the cache."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src.resolve(), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _from_idios(repo: str, commit: str, small: Path, work: Path) -> dict[str, Any]:
+    """One of our own model folders, published as a repo: its manifest and the files it names."""
+    try:
+        manifest: dict[str, Any] = orjson.loads((small / MANIFEST).read_bytes())
+        names = _files(manifest)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise Refused(f"{repo}: manifest.json is not a model manifest ({exc})") from None
+    snapshot = _fetch(repo, commit, names)
+    expected = manifest.get("sha256") or {}
+    for rel in names:
+        if not (snapshot / rel).is_file():
+            raise Refused(f"{repo}: manifest.json names {rel}, which the repo does not hold")
+        _link(snapshot / rel, work / rel)
+        if rel in expected and _sha256(work / rel) != expected[rel]:
+            raise Refused(f"{repo}: {rel} does not match the sha256 its manifest records")
+    return manifest
+
+
+def _files(manifest: dict[str, Any]) -> list[str]:
+    """The files a manifest's towers need (an OpenVINO .xml brings its .bin)."""
+    names = [manifest["visual"]["file"]]
+    text = manifest.get("text")
+    if text:
+        names += [text["file"], text["tokenizer"]]
+    names += [n[:-4] + ".bin" for n in names if n.endswith(".xml")]
+    for n in names:
+        if not isinstance(n, str) or n.startswith("/") or ".." in Path(n).parts:
+            raise TypeError(f"file {n!r} is not a path inside the model folder")
+    return names
+
+
+def _from_immich(snapshot: Path, work: Path) -> dict[str, Any]:
+    """An Immich export → our manifest: preprocessing from visual/preprocess_cfg.json, sizes and the text
+    clean-up from open_clip's config.json, the pad token from the tokenizer's config."""
+    config = _json(snapshot / "config.json")
+    if not (snapshot / "visual/model.onnx").is_file():
+        raise Refused("the repo has config.json but no visual/model.onnx: not an Immich CLIP export")
+    pre = _json(snapshot / "visual/preprocess_cfg.json") if (snapshot / "visual/preprocess_cfg.json").is_file() else {}
+    size = pre.get("size", (config.get("vision_cfg") or {}).get("image_size"))
+    if isinstance(size, list):
+        if len(set(size)) != 1:
+            raise Refused(f"images of {size[0]}x{size[1]}: only square model inputs are served")
+        size = size[0]
+    resize = str(pre.get("resize_mode", "shortest"))
+    if resize not in RESIZES:
+        raise Refused(f"resize_mode {resize!r} (open_clip's letterbox): only {' and '.join(RESIZES)} are served")
+    interpolation = str(pre.get("interpolation", "bicubic")).lower()
+    if interpolation not in INTERPOLATIONS:
+        raise Refused(f"interpolation {interpolation!r}: only {' and '.join(INTERPOLATIONS)} are served")
+    if not isinstance(size, int) or "embed_dim" not in config:
+        raise Refused("config.json has no embed_dim or no image size: not an open_clip model config")
+    for rel in sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()):
+        if rel.startswith(("visual/model.onnx", "textual/model.onnx")) or rel == "textual/tokenizer.json":
+            _link(snapshot / rel, work / rel)
+    manifest: dict[str, Any] = {
+        "description": f"{(config.get('text_cfg') or {}).get('hf_tokenizer_name') or 'CLIP'} (Immich's ONNX export)",
+        "dim": int(config["embed_dim"]), "image_size": size, "resize": resize, "interpolation": interpolation,
+        "mean": pre.get("mean", [0.48145466, 0.4578275, 0.40821073]),
+        "std": pre.get("std", [0.26862954, 0.26130258, 0.27577711]),
+        "visual": {"file": "visual/model.onnx"}, "precision": "fp32", "random_weights": False,
+    }
+    if (work / "textual/model.onnx").is_file():
+        manifest["text"] = _immich_text(snapshot, work, config)
+    return manifest
+
+
+def _immich_text(snapshot: Path, work: Path, config: dict[str, Any]) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
+    if not (work / "textual/tokenizer.json").is_file():
+        raise Refused("textual/model.onnx comes without textual/tokenizer.json")
+    text_cfg = config.get("text_cfg") or {}
+    tok_cfg = _json(snapshot / "textual/tokenizer_config.json") if (snapshot / "textual/tokenizer_config.json").is_file() else {}
+    pad = tok_cfg.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    pad_id = Tokenizer.from_file(str(work / "textual/tokenizer.json")).token_to_id(pad) if pad else None
+    inputs = _onnx_inputs(work / "textual/model.onnx")
+    if len(inputs) == 2:  # M-CLIP: the reference tokenises raw text, and padding is masked out
+        clean = "none"
+    else:  # open_clip: its SimpleTokenizer lower-cases, its Hugging Face tokenizers keep case
+        kwargs = text_cfg.get("tokenizer_kwargs") or {}
+        clean = str(kwargs.get("clean") or ("whitespace" if text_cfg.get("hf_tokenizer_name") else "lower"))
+    context = inputs[0][1][1] if len(inputs[0][1]) == 2 and isinstance(inputs[0][1][1], int) else None
+    return {"file": "textual/model.onnx", "tokenizer": "textual/tokenizer.json",
+            "context_length": int(context or text_cfg.get("context_length", 77)), "clean": clean,
+            "pad_id": int(pad_id or 0)}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise Refused(f"{path.name} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise Refused(f"{path.name} is not a JSON object")
+    return value
+
+
+def _onnx_inputs(path: Path) -> list[tuple[str, list[object]]]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [(i.name, list(i.shape)) for i in session.get_inputs()]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check(folder: Path) -> tuple[int, bool]:
+    """Load the model as the service will and run each tower once: inputs as the manifest says, outputs of its
+    dim. Returns (dim, has text)."""
+    from idios.embed import TextEncoder
+    from idios.engines.onnxruntime import OrtTower
+    from idios.engines.openvino import OpenVinoTower
+
+    try:
+        spec = load_manifest(folder)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Refused(f"the manifest does not describe a model the service can load: {exc}") from None
+
+    def open_file(path: Path) -> Any:
+        return OpenVinoTower(path, 1) if path.suffix == ".xml" else OrtTower(path, 1)
+
+    try:
+        visual = open_file(spec.visual)
+        size = spec.image_size
+        out = visual.run(np.zeros((visual.feed.batch or 1, 3, size, size), dtype=np.float32))
+        if visual.feed.dtypes[0] is not np.float32 or out.shape[-1] != spec.dim:
+            raise Refused(f"the visual tower takes {visual.feed.dtypes[0].__name__} and makes {out.shape[-1]}-d "
+                          f"embeddings; the service feeds float32 {size}x{size} images and stores {spec.dim}-d")
+        if spec.text is not None:
+            text = open_file(spec.text.file)
+            encoder = TextEncoder(spec.text, text)
+            if text.feed.dtypes[0] is np.float32:
+                raise Refused("the text tower takes float input, not token ids")
+            dim = encoder.run([PROBE_TEXT]).shape[-1]
+            if dim != spec.dim:
+                raise Refused(f"the text tower makes {dim}-d embeddings, the visual tower {spec.dim}-d")
+    except Refused:
+        raise
+    except Exception as exc:  # onnxruntime's own words on a file it cannot run, or inputs it rejects
+        raise Refused(f"the model does not run as the service would run it: {_brief(exc)}") from None
+    return spec.dim, spec.text is not None
+
+
+def first_run(models_dir: Path, default: str) -> None:
+    """`serve` with no CLIP model (none with a text tower) in `models_dir`: pull `default` when the hub answers;
+    otherwise say in one line how to get one, and start with what there is."""
+    if not default or _has_clip(models_dir):
+        return
+    try:
+        log.info("no CLIP model in %s: pulling %s (IDIOS_DEFAULT_MODEL; empty = never)", models_dir, default)
+        done = pull(default, models_dir)
+        log.info("pulled %s@%s into %s", done.repo, done.revision[:12], done.folder)
+    except PullError as exc:
+        log.warning("no CLIP model in %s, and %s was not pulled (%s): `python -m idios pull vit_b32` gets one; "
+                    "serving what there is", models_dir, default, exc)
+
+
+def _has_clip(models_dir: Path) -> bool:
+    if not models_dir.is_dir():
+        return False
+    for manifest in models_dir.glob(f"[!.]*/{MANIFEST}"):
+        try:
+            if orjson.loads(manifest.read_bytes()).get("text"):
+                return True
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            continue
+    return False
