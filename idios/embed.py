@@ -45,14 +45,18 @@ class TextEncoder:
         else:
             self.tokenizer.enable_padding(length=tower.context_length, pad_id=tower.pad_id, pad_token=pad_token)
 
-    def tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def inputs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, `[N, L]` int64 each."""
         encoded = self.tokenizer.encode_batch([self.clean(t) for t in texts])
         return (np.asarray([e.ids for e in encoded], dtype=np.int64),
                 np.asarray([e.attention_mask for e in encoded], dtype=np.int64))
 
+    def tokens(self, texts: list[str]) -> np.ndarray:
+        """Token ids, `[N, L]` int64."""
+        return self.inputs(texts)[0]
+
     def run(self, texts: list[str]) -> np.ndarray:
-        return self.tower.run(*self.tokens(texts))
+        return self.tower.run(*self.inputs(texts))
 
 
 class ModelRuntime:

@@ -188,9 +188,8 @@ def quantize_static(src: Path, dst: Path, name: str, calibration: list[bytes], c
     if spec.text is not None:
         text_fp32 = OpenVinoTower(spec.text.file, 2, "fp32")
         encoder = TextEncoder(spec.text, text_fp32)
-        # our own exports take token ids alone (no attention mask)
-        towers.append(("text", spec.text.file, [encoder.tokens([t])[0] for t in TEXTS], nncf.ModelType.TRANSFORMER,
-                       text_fp32, encoder.tokens(TEXTS)[0]))
+        towers.append(("text", spec.text.file, [encoder.tokens([t]) for t in TEXTS], nncf.ModelType.TRANSFORMER,
+                       text_fp32, encoder.tokens(TEXTS)))
         shutil.copyfile(spec.text.tokenizer, dst / spec.text.tokenizer.name)
     fidelity = {}
     for kind, path, samples, model_type, fp32, inputs in towers:

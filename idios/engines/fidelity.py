@@ -64,7 +64,7 @@ def measure(spec: ModelSpec, images: list[bytes], threads: int = 0) -> dict[str,
         from idios.embed import TextEncoder
 
         fp32 = OpenVinoTower(spec.text.file, threads, "fp32")
-        tokens = TextEncoder(spec.text, fp32).tokens(TEXTS)
+        tokens = TextEncoder(spec.text, fp32).inputs(TEXTS)
         out["text"] = _compare(fp32, spec.text.file, [tokens], threads) | stamp
     return out
 
