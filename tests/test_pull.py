@@ -25,7 +25,7 @@ from tests import hubrepos
 from tests.conftest import ROOT, make_settings, make_thumb_model, running_service, wait_for_ping
 from tests.distributed import free_port
 from tests.hubserver import FakeHub, Repo, fake_hub
-from tests.imagekit import plain
+from tests.imagekit import jpeg, plain
 
 VIT = "immich-app/ViT-B-32__openai"
 XLM = "immich-app/XLM-Roberta-Large-Vit-B-32"
@@ -158,12 +158,19 @@ async def test_pull_of_an_immich_export_serves_what_its_onnx_files_compute(tmp_p
 @pytest.mark.timeout(240)
 async def test_pull_of_a_multilingual_mclip_export_feeds_the_mask_and_keeps_case(tmp_path: Path, images: str) -> None:
     files = hubrepos.immich_mclip()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(8):
+        (photos / f"{i}.jpg").write_bytes(jpeg(f"fidelity-{i}"))
     async with fake_hub({XLM: Repo(files)}) as hub:
         models = tmp_path / "models"
-        rc, out, err = await pull(hub_env(hub.url, tmp_path), models, "xlm_b32")
+        rc, out, err = await pull(hub_env(hub.url, tmp_path), models, "xlm_b32", "--fidelity-images", str(photos))
         assert rc == 0, err
     manifest = json.loads((models / "xlm_b32/manifest.json").read_text())
     assert manifest["text"]["clean"] == "none" and manifest["text"]["pad_id"] == 1
+    # measured after the pull (both towers, the text one fed its mask): auto may then run it in bf16
+    bf16 = manifest["fidelity"]["bf16"]
+    assert bf16["visual"]["items"] == 8 and bf16["text"]["items"] > 0 and bf16["text"]["min_cosine"] > 0.99
     async with served(tmp_path, models, images) as svc:
         urls = await add_colours(svc, "xlm_b32", images)
         stored = await stored_embeddings(svc, "xlm_b32")
