@@ -259,7 +259,11 @@ def _immich_text(snapshot: Path, work: Path, config: dict[str, Any]) -> dict[str
     tok_cfg = _json(snapshot / "textual/tokenizer_config.json") if (snapshot / "textual/tokenizer_config.json").is_file() else {}
     pad = tok_cfg.get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
-    pad_id = Tokenizer.from_file(str(work / "textual/tokenizer.json")).token_to_id(pad) if pad else None
+    if not isinstance(pad, str) or not pad:
+        raise Refused("textual/tokenizer_config.json names no pad_token: the padding id is unknown")
+    pad_id = Tokenizer.from_file(str(work / "textual/tokenizer.json")).token_to_id(pad)
+    if pad_id is None:
+        raise Refused(f"the pad token {pad!r} of textual/tokenizer_config.json is not in textual/tokenizer.json")
     inputs = _onnx_inputs(work / "textual/model.onnx")
     if len(inputs) == 2:  # M-CLIP: the reference tokenises raw text, and padding is masked out
         clean = "none"
@@ -269,7 +273,7 @@ def _immich_text(snapshot: Path, work: Path, config: dict[str, Any]) -> dict[str
     context = inputs[0][1][1] if len(inputs[0][1]) == 2 and isinstance(inputs[0][1][1], int) else None
     return {"file": "textual/model.onnx", "tokenizer": "textual/tokenizer.json",
             "context_length": int(context or text_cfg.get("context_length", 77)), "clean": clean,
-            "pad_id": int(pad_id or 0)}
+            "pad_id": int(pad_id)}
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -117,7 +117,8 @@ def tokenizer(words: dict[str, int], lowercase: bool) -> bytes:
     return tok.to_str().encode()
 
 
-def immich_clip(preprocess: dict[str, object] | None = None, dim: int = thumb.DIM) -> dict[str, bytes]:
+def immich_clip(preprocess: dict[str, object] | None = None, dim: int = thumb.DIM,
+                pad_token: str = "<|endoftext|>") -> dict[str, bytes]:
     """An Immich-layout open_clip repo (as immich-app/ViT-B-32__openai), with the files Immich's repos also
     carry that the service must not download (an ARM NN copy, a README)."""
     words = vocab()
@@ -130,7 +131,7 @@ def immich_clip(preprocess: dict[str, object] | None = None, dim: int = thumb.DI
         "visual/fp16/model.armnn": b"\0" * 4096,
         "textual/model.onnx": text_clip(words),
         "textual/tokenizer.json": tokenizer(words, lowercase=True),
-        "textual/tokenizer_config.json": json.dumps({"pad_token": "<|endoftext|>", "model_max_length": CONTEXT,
+        "textual/tokenizer_config.json": json.dumps({"pad_token": pad_token, "model_max_length": CONTEXT,
                                                      "tokenizer_class": "CLIPTokenizer"}).encode(),
         "textual/special_tokens_map.json": json.dumps({"pad_token": "<|endoftext|>"}).encode(),
         "README.md": b"---\ntags:\n - immich\n - clip\n---\n",

@@ -210,6 +210,7 @@ async def test_pull_of_an_idios_layout_repo_and_a_tampered_one(tmp_path: Path) -
     ({"preprocess": {**hubrepos.PREPROCESS, "interpolation": "lanczos"}}, "interpolation 'lanczos'"),
     ({"preprocess": {**hubrepos.PREPROCESS, "size": [224, 256]}}, "only square"),
     ({"dim": 512}, "makes 192-d embeddings"),
+    ({"pad_token": "<pad>"}, "pad token '<pad>' of textual/tokenizer_config.json is not in"),
 ])
 async def test_pull_refuses_in_one_line_what_it_cannot_serve_exactly(tmp_path: Path, change: dict[str, Any],
                                                                      says: str) -> None:
