@@ -5,6 +5,7 @@ Run in the export environment (requirements/export-dev.txt): `python -m pytest t
 from __future__ import annotations
 
 import io
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ COSINE_TOWER = 0.9999
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # no model hub: huggingface_hub (open_clip's weights, pull) stays offline unless a test points it at its own
+    # stand-in hub, and `serve` pulls no default model
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["IDIOS_DEFAULT_MODEL"] = ""
     # torch's own internals warn about torch's internals; nothing here is actionable.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:torch.*")
     config.addinivalue_line("filterwarnings", "ignore::FutureWarning:torch.*")
