@@ -88,7 +88,7 @@ def run_pull(args: argparse.Namespace) -> int:
     else:
         towers = "image and text search" if done.text else "image search only"
         print(f"pulled {done.repo}@{done.revision[:12]} into {done.folder} ({done.layout} layout, {done.dim}-d, "
-              f"{towers}); restart the service to serve it")
+              f"{towers}); restart the service to serve it; the same files elsewhere: --revision {done.revision}")
     if args.fidelity_images:
         return run_fidelity(done.folder, args.fidelity_images)
     return 0

@@ -79,7 +79,8 @@ def load_rgb(data: bytes, target: int, limits: DecodeLimits) -> Image.Image:
 
 
 def to_tensor(im: Image.Image, spec: ModelSpec) -> np.ndarray:
-    """Resize and crop as open_clip's eval transform does, then normalise to a CHW float32 array."""
+    """Resize and crop as open_clip's eval transform does, then normalise to a CHW float32 array (or, for a model
+    that takes bytes, `pixels: uint8`, the HWC RGB bytes themselves)."""
     size = spec.image_size
     w, h = im.size
     filt = Image.Resampling[spec.interpolation.upper()]
@@ -102,6 +103,8 @@ def to_tensor(im: Image.Image, spec: ModelSpec) -> np.ndarray:
             sx, sy = w / new_w, h / new_h
             box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
             im = im.resize((size, size), filt, box=box)
+    if spec.pixels == "uint8":  # the model normalises the bytes itself
+        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
     arr: np.ndarray = np.asarray(im, dtype=np.float32) * np.float32(1 / 255)
     arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -40,7 +40,11 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
                 "M-CLIP XLM-RoBERTa-Large text (50+ languages) with OpenAI's ViT-B/32 images, 512-d"),
 }
 IMMICH_SMALL = ["config.json", "visual/preprocess_cfg.json", "textual/tokenizer_config.json"]
-IMMICH_FILES = ["visual/model.onnx*", "textual/model.onnx*", "textual/tokenizer.json"]
+# the towers' folders: their model.onnx, any external-data files beside it, the tokenizer; not the ARM NN, RKNN
+# or other copies Immich keeps in sub-folders
+IMMICH_FILES = ["visual/*", "textual/*"]
+IMMICH_SKIP = ["visual/*/*", "textual/*/*", "*.armnn", "*.rknn"]
+NOT_WEIGHTS = {".json", ".txt", ".model", ".md"}  # configs and the tokenizer's other forms (vocab, merges, spm)
 PROBE_TEXT = "a photo of a cat"
 
 
@@ -104,28 +108,46 @@ def pull(ref: str, models_dir: Path, name: str | None = None, revision: str | No
         held = f"{existing['repo']}@{str(existing.get('revision'))[:12]}" if existing else "another model"
         raise Refused(f"{target} already holds {held}: pull with --name OTHER, or remove the folder first (its "
                       "collection was filled by those weights)")
-    models_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=models_dir))  # discover() skips dot folders
+    try:
+        work = _workspace(models_dir, name)
+    except OSError as exc:
+        raise PullError(f"cannot write into {models_dir}: {exc.strerror or exc}") from None
     try:
         if layout == "idios":
             manifest = _from_idios(repo, commit, snapshot, work)
         else:
-            snapshot = _fetch(repo, commit, IMMICH_FILES)
+            snapshot = _fetch(repo, commit, IMMICH_FILES, IMMICH_SKIP)
             manifest = _from_immich(snapshot, work)
         if ref in SHORT_NAMES and layout == "immich":
             manifest["description"] = SHORT_NAMES[ref][1]
+        files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
         manifest.update(name=name, source={"repo": repo, "revision": commit, "layout": layout},
-                        sha256={rel: _sha256(work / rel) for rel in _files(manifest)})
-        (work / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+                        sha256={rel: _sha256(work / rel) for rel in files})
+        with (work / MANIFEST).open("wb") as f:  # whole on disk before the rename makes it a model
+            f.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
         dim, text = check(work)
         try:
             os.rename(work, target)
         except OSError as exc:
             raise Refused(f"{target} appeared while pulling: {exc.strerror}") from None
+    except OSError as exc:  # a full or read-only disk while linking, copying or writing
+        shutil.rmtree(work, ignore_errors=True)
+        raise PullError(f"cannot write {target}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Pulled(name, target, repo, commit, layout, text, dim)
+
+
+def _workspace(models_dir: Path, name: str) -> Path:
+    """A dot folder beside the model's place (discover() skips dot folders), after removing what an earlier
+    pull of the same name left when it was killed."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for stale in models_dir.glob(f".pull-{name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".pull-{name}-", dir=models_dir))
 
 
 def _existing(target: Path) -> dict[str, Any] | None:
@@ -141,14 +163,14 @@ def _existing(target: Path) -> dict[str, Any] | None:
     return source if isinstance(source, dict) and "repo" in source else {}
 
 
-def _fetch(repo: str, revision: str | None, patterns: list[str]) -> Path:
+def _fetch(repo: str, revision: str | None, patterns: list[str], skip: list[str] | None = None) -> Path:
     """huggingface_hub's snapshot of the files of `repo` matching `patterns` (its cache, its settings)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=skip))
     except GatedRepoError:
         raise PullError(f"{repo} is gated on {endpoint()}: accept its terms there and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -204,10 +226,10 @@ def _from_idios(repo: str, commit: str, small: Path, work: Path) -> dict[str, An
 
 def _files(manifest: dict[str, Any]) -> list[str]:
     """The files a manifest's towers need (an OpenVINO .xml brings its .bin)."""
-    names = [manifest["visual"]["file"]]
+    names = [manifest["visual"]["file"], *manifest["visual"].get("data", [])]
     text = manifest.get("text")
     if text:
-        names += [text["file"], text["tokenizer"]]
+        names += [text["file"], *text.get("data", []), text["tokenizer"]]
     names += [n[:-4] + ".bin" for n in names if n.endswith(".xml")]
     for n in names:
         if not isinstance(n, str) or n.startswith("/") or ".." in Path(n).parts:
@@ -235,19 +257,38 @@ def _from_immich(snapshot: Path, work: Path) -> dict[str, Any]:
         raise Refused(f"interpolation {interpolation!r}: only {' and '.join(INTERPOLATIONS)} are served")
     if not isinstance(size, int) or "embed_dim" not in config:
         raise Refused("config.json has no embed_dim or no image size: not an open_clip model config")
-    for rel in sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()):
-        if rel.startswith(("visual/model.onnx", "textual/model.onnx")) or rel == "textual/tokenizer.json":
+    data: dict[str, list[str]] = {"visual": [], "textual": []}
+    for rel in sorted(p.relative_to(snapshot).as_posix() for p in snapshot.glob("*/*") if p.is_file()):
+        folder, file = rel.split("/", 1)
+        if folder in data and (Path(file).suffix not in NOT_WEIGHTS or rel == "textual/tokenizer.json"):
             _link(snapshot / rel, work / rel)
+            if file not in ("model.onnx", "tokenizer.json"):
+                data[folder].append(rel)  # external data: the weights of a file past protobuf's 2 GiB
+    pixels = _visual_pixels(work / "visual/model.onnx", size)
     manifest: dict[str, Any] = {
         "description": f"{(config.get('text_cfg') or {}).get('hf_tokenizer_name') or 'CLIP'} (Immich's ONNX export)",
         "dim": int(config["embed_dim"]), "image_size": size, "resize": resize, "interpolation": interpolation,
         "mean": pre.get("mean", [0.48145466, 0.4578275, 0.40821073]),
         "std": pre.get("std", [0.26862954, 0.26130258, 0.27577711]),
-        "visual": {"file": "visual/model.onnx"}, "precision": "fp32", "random_weights": False,
+        "visual": {"file": "visual/model.onnx", "pixels": pixels, "data": data["visual"]},
+        "precision": "fp32", "random_weights": False,
     }
     if (work / "textual/model.onnx").is_file():
-        manifest["text"] = _immich_text(snapshot, work, config)
+        manifest["text"] = _immich_text(snapshot, work, config) | {"data": data["textual"]}
     return manifest
+
+
+def _visual_pixels(path: Path, size: int) -> str:
+    """What the visual file takes: `float` [N, 3, S, S] (normalised by the service) or `uint8` [N, S, S, 3]
+    (Immich's newer exports fold the normalisation into the graph); anything else is refused."""
+    (name, kind, shape), *_ = _onnx_inputs(path)
+    dims = [d if isinstance(d, int) else None for d in shape]
+    if kind == "tensor(float)" and len(dims) == 4 and dims[1] == 3 and dims[2] in (size, None):
+        return "float"
+    if kind == "tensor(uint8)" and len(dims) == 4 and dims[3] == 3 and dims[1] in (size, None):
+        return "uint8"
+    raise Refused(f"the visual tower takes {name} {kind} {shape}: the service feeds [N, 3, {size}, {size}] float "
+                  f"or [N, {size}, {size}, 3] uint8 images")
 
 
 def _immich_text(snapshot: Path, work: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -264,16 +305,17 @@ def _immich_text(snapshot: Path, work: Path, config: dict[str, Any]) -> dict[str
     pad_id = Tokenizer.from_file(str(work / "textual/tokenizer.json")).token_to_id(pad)
     if pad_id is None:
         raise Refused(f"the pad token {pad!r} of textual/tokenizer_config.json is not in textual/tokenizer.json")
-    inputs = _onnx_inputs(work / "textual/model.onnx")
+    inputs = [(name, shape) for name, _, shape in _onnx_inputs(work / "textual/model.onnx")]
     if len(inputs) == 2:  # M-CLIP: the reference tokenises raw text, and padding is masked out
         clean = "none"
     else:  # open_clip: its SimpleTokenizer lower-cases, its Hugging Face tokenizers keep case
         kwargs = text_cfg.get("tokenizer_kwargs") or {}
         clean = str(kwargs.get("clean") or ("whitespace" if text_cfg.get("hf_tokenizer_name") else "lower"))
     context = inputs[0][1][1] if len(inputs[0][1]) == 2 and isinstance(inputs[0][1][1], int) else None
+    # padded to the whole context: only our own causal CLIP exports may be trimmed to the longest text
     return {"file": "textual/model.onnx", "tokenizer": "textual/tokenizer.json",
             "context_length": int(context or text_cfg.get("context_length", 77)), "clean": clean,
-            "pad_id": int(pad_id)}
+            "pad_id": int(pad_id), "trim": False}
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -286,13 +328,17 @@ def _json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _onnx_inputs(path: Path) -> list[tuple[str, list[object]]]:
+def _onnx_inputs(path: Path) -> list[tuple[str, str, list[object]]]:
+    """(name, element type, shape) of each input of an ONNX file."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return [(i.name, list(i.shape)) for i in session.get_inputs()]
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # a file onnxruntime cannot read: one line, not its traceback
+        raise Refused(f"{path.parent.name}/{path.name} cannot be loaded: {_brief(exc)}") from None
+    return [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
 
 
 def _sha256(path: Path) -> str:
@@ -304,38 +350,37 @@ def _sha256(path: Path) -> str:
 
 
 def check(folder: Path) -> tuple[int, bool]:
-    """Load the model as the service will and run each tower once: inputs as the manifest says, outputs of its
-    dim. Returns (dim, has text)."""
-    from idios.embed import TextEncoder
-    from idios.engines.onnxruntime import OrtTower
-    from idios.engines.openvino import OpenVinoTower
+    """Load the model as the service loads it (the engine and precision IDIOS_ENGINE / IDIOS_PRECISION pick
+    here) and run each tower once: inputs as the manifest says, outputs of its dim. Returns (dim, has text)."""
+    from idios.embed import TextEncoder, load_tower
+    from idios.engines import detect_machine
+    from idios.metrics import Metrics
+    from idios.settings import Settings
 
     try:
         spec = load_manifest(folder)
     except (ValueError, KeyError, TypeError) as exc:
         raise Refused(f"the manifest does not describe a model the service can load: {exc}") from None
-
-    def open_file(path: Path) -> Any:
-        return OpenVinoTower(path, 1) if path.suffix == ".xml" else OrtTower(path, 1)
-
+    settings, metrics = Settings.from_env(), Metrics()
     try:
-        visual = open_file(spec.visual)
-        size = spec.image_size
-        out = visual.run(np.zeros((visual.feed.batch or 1, 3, size, size), dtype=np.float32))
-        if visual.feed.dtypes[0] is not np.float32 or out.shape[-1] != spec.dim:
-            raise Refused(f"the visual tower takes {visual.feed.dtypes[0].__name__} and makes {out.shape[-1]}-d "
-                          f"embeddings; the service feeds float32 {size}x{size} images and stores {spec.dim}-d")
+        machine = detect_machine(settings.execution_provider)
+        visual = load_tower(spec, "visual", settings, machine, metrics)
+        size, batch = spec.image_size, visual.feed.batch or 1
+        probe = (np.zeros((batch, size, size, 3), dtype=np.uint8) if spec.pixels == "uint8"
+                 else np.zeros((batch, 3, size, size), dtype=np.float32))
+        out = visual.run(probe)
+        if out.shape[-1] != spec.dim:
+            raise Refused(f"the visual tower makes {out.shape[-1]}-d embeddings; the manifest says {spec.dim}-d")
         if spec.text is not None:
-            text = open_file(spec.text.file)
-            encoder = TextEncoder(spec.text, text)
-            if text.feed.dtypes[0] is np.float32:
-                raise Refused("the text tower takes float input, not token ids")
-            dim = encoder.run([PROBE_TEXT]).shape[-1]
+            text = load_tower(spec, "text", settings, machine, metrics)
+            if text.feed.dtypes[0] not in (np.int32, np.int64):
+                raise Refused(f"the text tower takes {text.feed.dtypes[0].__name__}, not token ids")
+            dim = TextEncoder(spec.text, text).run([PROBE_TEXT]).shape[-1]
             if dim != spec.dim:
                 raise Refused(f"the text tower makes {dim}-d embeddings, the visual tower {spec.dim}-d")
     except Refused:
         raise
-    except Exception as exc:  # onnxruntime's own words on a file it cannot run, or inputs it rejects
+    except Exception as exc:  # the engine's own words on a file it cannot run, or inputs it rejects
         raise Refused(f"the model does not run as the service would run it: {_brief(exc)}") from None
     return spec.dim, spec.text is not None
 

@@ -50,18 +50,21 @@ class Identity:
             return None
 
 
-def sha256_of(path: Path) -> str:
-    """The sha256 of a file's bytes, read in CHUNK-sized pieces (blocking: run it in a thread)."""
+def sha256_of(*paths: Path) -> str:
+    """The sha256 of the files' bytes one after the other, read in CHUNK-sized pieces (blocking: run it in a
+    thread); for one file, that file's sha256."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+    for path in paths:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
 def identity_of(spec: ModelSpec) -> Identity:
-    """The identity of a model folder's files as they are now (blocking: hashes the visual file)."""
-    return Identity(spec.name, spec.dim, sha256_of(spec.visual), spec.raw.get("source"))
+    """The identity of a model folder's files as they are now (blocking: hashes every file of the visual tower:
+    its own, an OpenVINO .bin, ONNX external data)."""
+    return Identity(spec.name, spec.dim, sha256_of(*spec.visual_files), spec.raw.get("source"))
 
 
 def describe_source(source: Any) -> str:

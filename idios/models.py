@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 MANIFEST = "manifest.json"
 RESIZES = ("shortest", "squash")
+PIXELS = ("float", "uint8")
 INTERPOLATIONS = ("bicubic", "bilinear")
 
 
@@ -28,6 +29,9 @@ class TextTower:
     context_length: int
     clean: str = "none"  # a key of idios.textclean.CLEANERS: what the model's tokenizer did before BPE
     pad_id: int = 0  # the id texts are padded with (open_clip: 0; Hugging Face tokenizers: their pad token)
+    # pad a batch to its longest text when the file's length is dynamic: right for our CLIP exports only (causal
+    # mask, end-token pooling); other towers are padded to context_length whatever their file allows
+    trim: bool = True
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,10 @@ class ModelSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     visual: Path
+    # what the visual tower takes: "float" = [N, 3, S, S] float32 normalised with mean/std; "uint8" = [N, S, S, 3]
+    # RGB bytes, resized and cropped only (the file normalises them itself: Immich's newer exports)
+    pixels: str
+    visual_data: tuple[Path, ...]  # files the visual tower reads besides its own (ONNX external data)
     text: TextTower | None
     random_weights: bool
     raw: dict[str, Any]
@@ -49,6 +57,12 @@ class ModelSpec:
     @property
     def collection(self) -> str:
         return f"idios_{self.name}"
+
+    @property
+    def visual_files(self) -> tuple[Path, ...]:
+        """Every file the visual tower's weights are in: its file, an OpenVINO .xml's .bin, external data."""
+        extra = (self.visual.with_suffix(".bin"),) if self.visual.suffix == ".xml" else ()
+        return (self.visual, *extra, *self.visual_data)
 
     @property
     def source(self) -> dict[str, Any] | None:
@@ -88,12 +102,18 @@ def load_manifest(folder: Path) -> ModelSpec:
     visual = folder / raw["visual"]["file"]
     if not visual.is_file():
         raise ValueError(f"{folder}: visual tower {visual.name} is missing")
+    visual_data = tuple(folder / str(f) for f in raw["visual"].get("data", []))
+    if not all(p.is_file() for p in visual_data):
+        raise ValueError(f"{folder}: a data file of the visual tower is missing")
+    pixels = str(raw["visual"].get("pixels", "float"))
+    if pixels not in PIXELS:
+        raise ValueError(f"{folder}: visual pixels must be one of {', '.join(PIXELS)}")
     text = None
     if raw.get("text"):
         t = raw["text"]
         clean = str(t.get("clean", "none"))
         text = TextTower(folder / t["file"], folder / t["tokenizer"], int(t.get("context_length", 77)), clean,
-                         int(t.get("pad_id", 0)))
+                         int(t.get("pad_id", 0)), bool(t.get("trim", True)))
         if not text.file.is_file() or not text.tokenizer.is_file():
             raise ValueError(f"{folder}: text tower or tokenizer file is missing")
         if clean not in CLEANERS:
@@ -118,6 +138,8 @@ def load_manifest(folder: Path) -> ModelSpec:
         mean=mean,
         std=std,
         visual=visual,
+        pixels=pixels,
+        visual_data=visual_data,
         text=text,
         random_weights=bool(raw.get("random_weights", False)),
         raw=raw,

@@ -41,6 +41,40 @@ def visual(batch: int | str = 1) -> bytes:
     return _save(model)
 
 
+def visual_uint8() -> bytes:
+    """Immich's newer visual export (immich-app/ml-models): `image` uint8 [batch, 224, 224, 3] RGB bytes, cast and
+    transposed in the graph (the normalisation folded in), -> `image_embedding`."""
+    k = thumb.SIZE // thumb.GRID
+    nodes = [
+        helper.make_node("Cast", ["image"], ["image_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["image_f32"], ["image_chw"], perm=[0, 3, 1, 2]),
+        helper.make_node("AveragePool", ["image_chw"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        *thumb._normalise_nodes("flat", "image_embedding"),
+    ]
+    graph = helper.make_graph(
+        nodes, "uint8_visual",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", thumb.SIZE, thumb.SIZE, 3])],
+        [helper.make_tensor_value_info("image_embedding", TensorProto.FLOAT, ["batch", thumb.DIM])],
+        initializer=thumb._consts(),
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", thumb.OPSET)],
+                                   ir_version=thumb.IR_VERSION))
+
+
+def external(model_bytes: bytes, folder: str) -> dict[str, bytes]:
+    """The model saved as a file past protobuf's 2 GiB is: the graph in model.onnx, each weight in a file of
+    its own beside it (as Immich's large text towers, e.g. XLM-RoBERTa-Large)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = onnx.load_from_string(model_bytes)
+        onnx.save(model, f"{tmp}/model.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
+                  size_threshold=1024)  # small constants stay in the graph, as in real exports
+        return {f"{folder}/{p.name}": p.read_bytes() for p in Path(tmp).iterdir()}
+
+
 def vocab(case: bool = False) -> dict[str, int]:
     """A word-level vocabulary whose pad token is not id 0, as in CLIP's Hugging Face tokenizer."""
     words = ["!", "<|endoftext|>", "[UNK]", *thumb.COLOURS]
@@ -60,11 +94,11 @@ def table(words: dict[str, int]) -> np.ndarray:
             colour = thumb.COLOURS["green" if word != key and key == "red" else key]
             rows[i] = thumb.colour_embedding(colour)
         else:
-            rows[i] = rng.normal(0, 0.3, thumb.DIM)
+            rows[i] = rng.normal(0, 0.003, thumb.DIM)  # 70 pads of these stay below one colour word
     return rows
 
 
-def text_clip(words: dict[str, int]) -> bytes:
+def text_clip(words: dict[str, int], context: int = CONTEXT) -> bytes:
     """An open_clip text tower as Immich exports one: `text` int32 [1, 77] -> `embedding`."""
     nodes = [
         helper.make_node("Gather", ["table", "text"], ["vectors"], axis=0),
@@ -73,7 +107,7 @@ def text_clip(words: dict[str, int]) -> bytes:
     ]
     graph = helper.make_graph(
         nodes, "clip_text",
-        [helper.make_tensor_value_info("text", TensorProto.INT32, [1, CONTEXT])],
+        [helper.make_tensor_value_info("text", TensorProto.INT32, [1, context])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, thumb.DIM])],
         initializer=[numpy_helper.from_array(table(words), "table"), *thumb._consts()],
     )
@@ -147,9 +181,29 @@ def immich_mclip() -> dict[str, bytes]:
         "config.json": json.dumps(config).encode(),
         "visual/model.onnx": visual("batch_size"),
         "visual/preprocess_cfg.json": json.dumps(PREPROCESS).encode(),
-        "textual/model.onnx": text_mclip(words),
+        **external(text_mclip(words), "textual"),
         "textual/tokenizer.json": tokenizer(words, lowercase=False),
+        "textual/sentencepiece.bpe.model": b"not weights: the tokenizer's other form",
         "textual/tokenizer_config.json": json.dumps({"pad_token": {"content": "<pad>"},
                                                      "tokenizer_class": "XLMRobertaTokenizer"}).encode(),
     }
 
+
+
+def immich_siglip(clean: str | None = "canonicalize") -> dict[str, bytes]:
+    """A SigLIP-like repo as Immich's newest exports: uint8 pixels at a dynamic batch, squash resize, a Hugging
+    Face tokenizer that keeps case (open_clip's `hf_tokenizer_name`) with its clean-up in `tokenizer_kwargs`."""
+    words = {"<pad>": 1, **{w: i for w, i in vocab(case=True).items() if w != "<|endoftext|>"}}
+    text_cfg: dict[str, object] = {"context_length": 64, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP"}
+    if clean:
+        text_cfg["tokenizer_kwargs"] = {"clean": clean}
+    return {
+        "config.json": json.dumps({"embed_dim": thumb.DIM, "vision_cfg": {"image_size": 224},
+                                   "text_cfg": text_cfg}).encode(),
+        "visual/model.onnx": visual_uint8(),
+        "visual/preprocess_cfg.json": json.dumps({**PREPROCESS, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                                  "resize_mode": "squash"}).encode(),
+        "textual/model.onnx": text_clip(words, context=64),
+        "textual/tokenizer.json": tokenizer(words, lowercase=False),
+        "textual/tokenizer_config.json": json.dumps({"pad_token": "<pad>"}).encode(),
+    }

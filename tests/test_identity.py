@@ -230,3 +230,27 @@ async def test_a_model_of_another_dimension_is_refused_not_a_crash(tmp_path: Pat
         assert "refused" not in found["thumb_grid"]
         assert await call(svc, "GET", "/models/thumb_grid/count") == (200, 0)
     assert "thumb_b" not in records(older)  # nothing is recorded for files that cannot fill the collection
+
+
+async def test_weights_in_external_data_are_part_of_the_identity(tmp_path: Path) -> None:
+    """A tower past protobuf's 2 GiB keeps its weights beside the .onnx (`visual.data`): other weights there
+    with the same graph file are other weights, and refused."""
+    from tests import hubrepos
+
+    models = model_folders(tmp_path)
+    folder = models / "thumb_b"
+    (folder / "visual.onnx").unlink()
+    model = make_thumb_model.visual_model()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(512, dtype=np.float32), "unused_weight"))
+    for rel, data in hubrepos.external(model.SerializeToString(), "v").items():
+        (folder / rel.split("/", 1)[1]).write_bytes(data)
+    (folder / "model.onnx").rename(folder / "visual.onnx")
+    set_manifest(folder, visual={"file": "visual.onnx", "data": ["unused_weight"]})
+    settings = make_settings(tmp_path / "data", models)
+    async with running_service(settings) as svc:
+        assert "refused" not in (await listing(svc))["thumb_b"]
+    graph = sha256(folder / "visual.onnx")
+    (folder / "unused_weight").write_bytes(np.full(512, 2, dtype=np.float32).tobytes())
+    assert sha256(folder / "visual.onnx") == graph  # the graph file is unchanged
+    async with running_service(settings) as svc:
+        assert "refused" in (await listing(svc))["thumb_b"]

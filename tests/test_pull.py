@@ -67,8 +67,8 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def run_onnx(data: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The source file's own output, one item at a time (Immich's exports take a batch of 1)."""
+def run_onnx(data: bytes | str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The source file's own output (its bytes, or its path when it has external data), one item at a time."""
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     out = session.run(None, feeds)[0]
     return np.asarray(out[0], dtype=np.float32)
@@ -168,6 +168,12 @@ async def test_pull_of_a_multilingual_mclip_export_feeds_the_mask_and_keeps_case
         assert rc == 0, err
     manifest = json.loads((models / "xlm_b32/manifest.json").read_text())
     assert manifest["text"]["clean"] == "none" and manifest["text"]["pad_id"] == 1
+    # the text tower's weights are files of their own beside model.onnx: fetched, linked, hashed; the
+    # tokenizer's other form is not a weight
+    weights = sorted(rel for rel in files if rel.startswith("textual/") and "." not in rel.split("/")[1])
+    assert weights and manifest["text"]["data"] == weights
+    assert set(weights) <= set(manifest["sha256"]) and "textual/sentencepiece.bpe.model" not in manifest["sha256"]
+    assert not (models / "xlm_b32/textual/sentencepiece.bpe.model").exists()
     # measured after the pull (both towers, the text one fed its mask): auto may then run it in bf16
     bf16 = manifest["fidelity"]["bf16"]
     assert bf16["visual"]["items"] == 8 and bf16["text"]["items"] > 0 and bf16["text"]["min_cosine"] > 0.99
@@ -176,9 +182,37 @@ async def test_pull_of_a_multilingual_mclip_export_feeds_the_mask_and_keeps_case
         stored = await stored_embeddings(svc, "xlm_b32")
         for text, colour in (("red", "red"), ("Red", "green"), ("a blue", "blue")):
             hits = await search_text(svc, "xlm_b32", text)
-            want = run_onnx(files["textual/model.onnx"], immich_tokens(files, text, mask=True))
+            want = run_onnx(str(models / "xlm_b32/textual/model.onnx"), immich_tokens(files, text, mask=True))
             assert hits[0]["url"] == urls[colour], (text, hits)
             assert hits[0]["similarity"] == pytest.approx(100 * float(want @ stored[urls[colour]]), abs=1e-3), text
+
+
+@pytest.mark.parametrize("clean, query, colour", [("canonicalize", "RED!!", "red"), (None, "Red", "green")])
+async def test_pull_of_a_byte_input_siglip_like_export(tmp_path: Path, images: str, clean: str | None, query: str,
+                                                       colour: str) -> None:
+    """Immich's newest layout: the visual tower takes uint8 [batch, S, S, 3] and normalises itself; a Hugging
+    Face tokenizer keeps case, and open_clip's config says the clean-up (`canonicalize`, else `whitespace`)."""
+    files = hubrepos.immich_siglip(clean)
+    async with fake_hub({"immich-app/ViT-B-16-SigLIP__webli": Repo(files)}) as hub:
+        models = tmp_path / "models"
+        rc, out, err = await pull(hub_env(hub.url, tmp_path), models, "immich-app/ViT-B-16-SigLIP__webli",
+                                  "--name", "siglip")
+        assert rc == 0, err
+    manifest = json.loads((models / "siglip/manifest.json").read_text())
+    assert manifest["visual"]["pixels"] == "uint8" and manifest["resize"] == "squash"
+    assert manifest["text"]["clean"] == (clean or "whitespace") and manifest["text"]["context_length"] == 64
+    spec = load_manifest(models / "siglip")
+    tensor = preprocess(plain(COLOURS["red"]), spec, DecodeLimits())
+    assert tensor.dtype == np.uint8 and tensor.shape == (224, 224, 3) and (tensor[0, 0] == COLOURS["red"]).all()
+    async with served(tmp_path, models, images) as svc:
+        urls = await add_colours(svc, "siglip", images)
+        stored = await stored_embeddings(svc, "siglip")
+        for name, url in urls.items():
+            want = run_onnx(files["visual/model.onnx"], {"image": preprocess(plain(COLOURS[name]), spec,
+                                                                              DecodeLimits())[None]})
+            assert np.allclose(stored[url], want, atol=1e-6), name
+        hits = await search_text(svc, "siglip", query)
+        assert hits[0]["url"] == urls[colour], (query, hits)
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
@@ -254,6 +288,10 @@ async def test_pull_failures_are_one_line_and_the_cache_serves_offline(tmp_path:
     assert (models / "again/visual/model.onnx").read_bytes() == (models / "vit_b32/visual/model.onnx").read_bytes()
     rc, _, err = await pull(hub_env(closed, tmp_path), models, "xlm_b32")
     assert rc == 1 and "cannot reach the hub" in error_line(err)
+    # a models folder that cannot be written (here: under a file): one line, from the cache as well
+    (tmp_path / "a-file").write_text("")
+    rc, _, err = await pull(hub_env(closed, tmp_path, HF_HUB_OFFLINE="1"), tmp_path / "a-file" / "models", "vit_b32")
+    assert rc == 1 and "cannot write into" in error_line(err)
     assert leftovers(models) == ["again", "private_clip", "vit_b32"]
 
 
@@ -304,6 +342,10 @@ async def test_serve_pulls_the_default_clip_model_on_first_run_or_says_how(tmp_p
         count = len(hub.log)
         names, out = await listed_models(env | {"HF_ENDPOINT": hub.url})  # a CLIP model is there: no pull
         assert names == ["thumb_grid", "vit_b32"] and len(hub.log) == count
+        (tmp_path / "a-file").write_text("")
+        names, out = await listed_models(env | {"HF_ENDPOINT": hub.url,
+                                                "IDIOS_MODELS_DIR": str(tmp_path / "a-file" / "models")})
+        assert names == [] and "cannot write into" in out and "Traceback" not in out
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])

@@ -1,9 +1,11 @@
 """Inference engines behind one interface, and the one rule that picks an engine and a precision per tower.
 
-Every tower keeps the same contract whatever runs it: `[N, 3, S, S]` float32 images (or `[N, L]` int64 token
-ids) in, `[N, dim]` unit vectors out. `plan()` decides from the settings (`IDIOS_ENGINE`, `IDIOS_PRECISION`,
-`IDIOS_EXECUTION_PROVIDER`), what the manifest says of the model (its weights, its measured bf16 fidelity) and
-what this machine has (OpenVINO, a CPU with bf16); `open_tower()` builds what it decided."""
+Every tower keeps the same contract whatever runs it: a batch of images (`[N, 3, S, S]` float32, or `[N, S, S, 3]`
+bytes for a file that takes those) or of token ids (`[N, L]`, with an attention mask for a file that takes one)
+in, `[N, dim]` unit vectors out; `common.Feed` adapts it to what the file declares. `plan()` decides from the
+settings (`IDIOS_ENGINE`, `IDIOS_PRECISION`, `IDIOS_EXECUTION_PROVIDER`), what the manifest says of the model
+(its weights, its measured bf16 fidelity) and what this machine has (OpenVINO, a CPU with bf16); `open_tower()`
+builds what it decided."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from idios.engines.common import Feed
 from idios.engines.onnxruntime import CPU, OrtTower, providers_for
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ class Tower(Protocol):
     precision: str
     device: str
     dynamic_length: bool
+    feed: Feed  # how its file takes its inputs
 
     def run(self, batch: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray: ...
 

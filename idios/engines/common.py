@@ -20,14 +20,14 @@ def second_dim_dynamic(shape: Sequence[object]) -> bool:
 
 
 DTYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
-          "f32": np.float32, "i32": np.int32, "i64": np.int64}
+          "tensor(uint8)": np.uint8, "f32": np.float32, "i32": np.int32, "i64": np.int64, "u8": np.uint8}
 
 
 @dataclass(frozen=True)
 class Feed:
     """How a tower's file takes its inputs, read from the file itself: the main input (images, or token ids),
     then an attention mask when it has one (M-CLIP's text towers); their element types (Immich's text towers
-    take int32 ids, open_clip's own exports int64); and a batch size fixed at export (Immich's newer exports
+    take int32 ids, open_clip's own exports int64; Immich's newer visual towers RGB bytes); and a batch size fixed at export (Immich's newer exports
     are fixed at 1), which `run` meets by running the batch in pieces of that size."""
 
     names: tuple[str, ...]
@@ -45,7 +45,7 @@ class Feed:
         dtypes = []
         for name, kind, _ in inputs:
             if kind not in DTYPES:
-                raise ValueError(f"{file}: input {name} is {kind}; a tower takes float32, int32 or int64")
+                raise ValueError(f"{file}: input {name} is {kind}; a tower takes float32, uint8, int32 or int64")
             dtypes.append(DTYPES[kind])
         shape = list(inputs[0][2])
         batch = shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
