@@ -5,13 +5,16 @@ Immich's ONNX exports cannot be downloaded here (no model hub), so this builds o
 (machine-learning/export/immich_model_exporter: `torch.onnx.export` of `encode_image` / `encode_text` with
 `normalize=True`, inputs `image` float32 [1, 3, 224, 224] and `text` int32 [1, 77], no dynamic axes; open_clip's
 own `get_model_config` as config.json and `get_model_preprocess_cfg` as visual/preprocess_cfg.json; a CLIP
-tokenizer.json whose pad token is `<|endoftext|>`) from ViT-B-32 with random weights. What this holds: the
-layout is read from the files open_clip itself writes; the batch-1 towers run in pieces; int32 ids padded with
-the end token (49407, not open_clip's 0) give open_clip's embeddings."""
+tokenizer.json whose pad token is its end token) from ViT-B-32 with random weights; and in the newer style of
+immich-app/ml-models, a visual tower that takes RGB bytes [N, 224, 224, 3] at any batch size and normalises
+them in the graph. What this holds: the layout is read from the files open_clip itself writes; the batch-1
+towers run in pieces; byte input gets the resized, cropped bytes; int32 ids padded with the end token (49407,
+not open_clip's 0) give open_clip's embeddings."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -49,25 +52,46 @@ class Encode(nn.Module):
         return out
 
 
-def immich_onnx(model: nn.Module, method: str, example: torch.Tensor, name: str, path: Path) -> bytes:
+class EncodeBytes(nn.Module):
+    """Immich's newer visual exports: RGB bytes [N, S, S, 3] in, cast, transposed and normalised in the graph."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chw = x.float().permute(0, 3, 1, 2) / 255.0
+        out: torch.Tensor = self.model.encode_image((chw - self.mean) / self.std, normalize=True)
+        return out
+
+
+def immich_onnx(module: nn.Module, example: torch.Tensor, name: str, path: Path, dynamic: bool = False) -> bytes:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Encode(model, method), (example,), str(path), input_names=[name],
-                              output_names=["embedding"], opset_version=17, dynamo=False)
+            torch.onnx.export(module, (example,), str(path), input_names=[name], output_names=["embedding"],
+                              opset_version=17, dynamo=False,
+                              dynamic_axes={name: {0: "batch"}, "embedding": {0: "batch"}} if dynamic else None)
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
     return path.read_bytes()
 
 
-def immich_repo(clip: ec.ClipModel, tmp: Path) -> dict[str, bytes]:
+def immich_repo(clip: ec.ClipModel, tmp: Path, pixels: str) -> dict[str, bytes]:
     model = clip.model
+    if pixels == "uint8":  # the newer style: bytes, any batch size
+        visual = immich_onnx(EncodeBytes(model, clip.mean, clip.std), torch.zeros(2, 224, 224, 3, dtype=torch.uint8),
+                             "image", tmp / "v.onnx", dynamic=True)
+    else:  # the older style: normalised floats, a batch of 1
+        visual = immich_onnx(Encode(model, "encode_image"), torch.randn(1, 3, 224, 224), "image", tmp / "v.onnx")
     return {
         "config.json": json.dumps(open_clip.get_model_config("ViT-B-32")).encode(),
         "visual/preprocess_cfg.json": json.dumps(open_clip.get_model_preprocess_cfg(model)).encode(),
-        "visual/model.onnx": immich_onnx(model, "encode_image", torch.randn(1, 3, 224, 224), "image", tmp / "v.onnx"),
-        "textual/model.onnx": immich_onnx(model, "encode_text", torch.ones(1, 77, dtype=torch.int32), "text",
+        "visual/model.onnx": visual,
+        "textual/model.onnx": immich_onnx(Encode(model, "encode_text"), torch.ones(1, 77, dtype=torch.int32), "text",
                                           tmp / "t.onnx"),
         "textual/tokenizer.json": ec.tokenizer_json(clip.tokenizer).encode(),
         # Hugging Face's CLIP tokenizer calls the end token <|endoftext|>, open_clip's <end_of_text>: the same id
@@ -76,11 +100,12 @@ def immich_repo(clip: ec.ClipModel, tmp: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.parametrize("pixels", ["float", "uint8"])
 async def test_an_immich_style_export_of_vit_b32_is_pulled_and_served_as_open_clip_computes_it(
-    vit_b32: Exported, tmp_path: Path
+    vit_b32: Exported, tmp_path: Path, pixels: str
 ) -> None:
     clip = vit_b32.clip
-    files = immich_repo(clip, tmp_path)
+    files = immich_repo(clip, tmp_path, pixels)
     models = tmp_path / "models"
     async with fake_hub({"immich-app/ViT-B-32__openai": Repo(files)}) as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
@@ -95,13 +120,15 @@ async def test_an_immich_style_export_of_vit_b32_is_pulled_and_served_as_open_cl
     assert spec.text is not None and spec.text.clean == "lower" and spec.text.context_length == 77
     assert spec.text.pad_id == clip.tokenizer.eot_token_id == 49407
 
+    assert spec.pixels == pixels
     photos = [encode(skimage_photo(p), "JPEG", quality=95) for p in PHOTOS]
     images = np.stack([preprocess(p, spec, DecodeLimits()) for p in photos])
-    with torch.no_grad():
-        want_images = clip.model.encode_image(torch.from_numpy(images), normalize=True).numpy()
+    floats = np.stack([preprocess(p, dataclasses.replace(spec, pixels="float"), DecodeLimits()) for p in photos])
+    with torch.no_grad():  # open_clip's forward pass on the normalised floats, whatever the file takes
+        want_images = clip.model.encode_image(torch.from_numpy(floats), normalize=True).numpy()
         want_texts = clip.model.encode_text(clip.tokenizer(list(TEXTS)), normalize=True).numpy()
     for tower in (OrtTower(spec.visual, 2), OpenVinoTower(spec.visual, 2, "fp32")):
-        assert tower.feed.batch == 1
+        assert tower.feed.batch == (1 if pixels == "float" else None)
         assert cosines(tower.run(images), want_images).min() >= COSINE_TOWER, tower.engine
     text = OrtTower(spec.text.file, 2)
     assert text.feed.dtypes == (np.int32,) and text.feed.batch == 1
