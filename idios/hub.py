@@ -1,10 +1,8 @@
 """`python -m idios pull`: CLIP models from a Hugging Face hub into `models/NAME`, without torch.
 
-Two layouts are read. Immich's published ONNX exports (`immich-app/ViT-B-32__openai` and dozens more): open_clip's
-`config.json` at the top, `visual/model.onnx` with `visual/preprocess_cfg.json`, `textual/model.onnx` with the
-Hugging Face tokenizer files; their towers take `image` (float32) and `text` (int32), or `input_ids` and
-`attention_mask` for M-CLIP's multilingual text towers, some of them at a batch size fixed to 1. And ours: a repo
-holding a `models/NAME/` folder as this service reads it (`manifest.json` and the files it names).
+Two layouts are read: Immich's published ONNX exports (`immich-app/ViT-B-32__openai` and dozens more; read by
+idios/immich.py), and ours: a repo holding a `models/NAME/` folder as this service reads it (`manifest.json` and
+the files it names).
 
 Files come through huggingface_hub, so HF_ENDPOINT (a mirror), HF_TOKEN, HF_HUB_OFFLINE and its cache (HF_HOME)
 apply. A pull builds the folder beside its final place and renames it in at the end, so an interrupted or refused
@@ -14,7 +12,6 @@ approximately."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -27,7 +24,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from idios.models import INTERPOLATIONS, MANIFEST, NAME_RE, RESIZES, load_manifest
+from idios import immich
+from idios.identity import sha256_of
+from idios.models import MANIFEST, NAME_RE, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,6 @@ SHORT_NAMES: dict[str, tuple[str, str]] = {
     "xlm_b32": ("immich-app/XLM-Roberta-Large-Vit-B-32",
                 "M-CLIP XLM-RoBERTa-Large text (50+ languages) with OpenAI's ViT-B/32 images, 512-d"),
 }
-IMMICH_SMALL = ["config.json", "visual/preprocess_cfg.json", "textual/tokenizer_config.json"]
-# the towers' folders: their model.onnx, any external-data files beside it, the tokenizer; not the ARM NN, RKNN
-# or other copies Immich keeps in sub-folders
-IMMICH_FILES = ["visual/*", "textual/*"]
-IMMICH_SKIP = ["visual/*/*", "textual/*/*", "*.armnn", "*.rknn"]
-NOT_WEIGHTS = {".json", ".txt", ".model", ".md"}  # configs and the tokenizer's other forms (vocab, merges, spm)
 PROBE_TEXT = "a photo of a cat"
 
 
@@ -94,7 +87,7 @@ def pull(ref: str, models_dir: Path, name: str | None = None, revision: str | No
     if not NAME_RE.match(name):
         raise Refused(f"model name {name!r} must match {NAME_RE.pattern} (choose one with --name)")
     target = models_dir / name
-    snapshot = _fetch(repo, revision, ["manifest.json", *IMMICH_SMALL])
+    snapshot = _fetch(repo, revision, ["manifest.json", *immich.SMALL])
     commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else (revision or "main")
     layout = "idios" if (snapshot / MANIFEST).is_file() else "immich" if (snapshot / "config.json").is_file() else None
     if layout is None:
@@ -116,13 +109,13 @@ def pull(ref: str, models_dir: Path, name: str | None = None, revision: str | No
         if layout == "idios":
             manifest = _from_idios(repo, commit, snapshot, work)
         else:
-            snapshot = _fetch(repo, commit, IMMICH_FILES, IMMICH_SKIP)
-            manifest = _from_immich(snapshot, work)
+            snapshot = _fetch(repo, commit, immich.FILES, immich.SKIP)
+            manifest = immich.read(snapshot, work, _link)
         if ref in SHORT_NAMES and layout == "immich":
             manifest["description"] = SHORT_NAMES[ref][1]
         files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
         manifest.update(name=name, source={"repo": repo, "revision": commit, "layout": layout},
-                        sha256={rel: _sha256(work / rel) for rel in files})
+                        sha256={rel: sha256_of(work / rel) for rel in files})
         with (work / MANIFEST).open("wb") as f:  # whole on disk before the rename makes it a model
             f.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
             f.flush()
@@ -132,6 +125,9 @@ def pull(ref: str, models_dir: Path, name: str | None = None, revision: str | No
             os.rename(work, target)
         except OSError as exc:
             raise Refused(f"{target} appeared while pulling: {exc.strerror}") from None
+    except immich.Unservable as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise Refused(str(exc)) from None
     except OSError as exc:  # a full or read-only disk while linking, copying or writing
         shutil.rmtree(work, ignore_errors=True)
         raise PullError(f"cannot write {target}: {exc.strerror or exc}") from None
@@ -219,7 +215,7 @@ def _from_idios(repo: str, commit: str, small: Path, work: Path) -> dict[str, An
         if not (snapshot / rel).is_file():
             raise Refused(f"{repo}: manifest.json names {rel}, which the repo does not hold")
         _link(snapshot / rel, work / rel)
-        if rel in expected and _sha256(work / rel) != expected[rel]:
+        if rel in expected and sha256_of(work / rel) != expected[rel]:
             raise Refused(f"{repo}: {rel} does not match the sha256 its manifest records")
     return manifest
 
@@ -235,118 +231,6 @@ def _files(manifest: dict[str, Any]) -> list[str]:
         if not isinstance(n, str) or n.startswith("/") or ".." in Path(n).parts:
             raise TypeError(f"file {n!r} is not a path inside the model folder")
     return names
-
-
-def _from_immich(snapshot: Path, work: Path) -> dict[str, Any]:
-    """An Immich export → our manifest: preprocessing from visual/preprocess_cfg.json, sizes and the text
-    clean-up from open_clip's config.json, the pad token from the tokenizer's config."""
-    config = _json(snapshot / "config.json")
-    if not (snapshot / "visual/model.onnx").is_file():
-        raise Refused("the repo has config.json but no visual/model.onnx: not an Immich CLIP export")
-    pre = _json(snapshot / "visual/preprocess_cfg.json") if (snapshot / "visual/preprocess_cfg.json").is_file() else {}
-    size = pre.get("size", (config.get("vision_cfg") or {}).get("image_size"))
-    if isinstance(size, list):
-        if len(set(size)) != 1:
-            raise Refused(f"images of {size[0]}x{size[1]}: only square model inputs are served")
-        size = size[0]
-    resize = str(pre.get("resize_mode", "shortest"))
-    if resize not in RESIZES:
-        raise Refused(f"resize_mode {resize!r} (open_clip's letterbox): only {' and '.join(RESIZES)} are served")
-    interpolation = str(pre.get("interpolation", "bicubic")).lower()
-    if interpolation not in INTERPOLATIONS:
-        raise Refused(f"interpolation {interpolation!r}: only {' and '.join(INTERPOLATIONS)} are served")
-    if not isinstance(size, int) or "embed_dim" not in config:
-        raise Refused("config.json has no embed_dim or no image size: not an open_clip model config")
-    data: dict[str, list[str]] = {"visual": [], "textual": []}
-    for rel in sorted(p.relative_to(snapshot).as_posix() for p in snapshot.glob("*/*") if p.is_file()):
-        folder, file = rel.split("/", 1)
-        if folder in data and (Path(file).suffix not in NOT_WEIGHTS or rel == "textual/tokenizer.json"):
-            _link(snapshot / rel, work / rel)
-            if file not in ("model.onnx", "tokenizer.json"):
-                data[folder].append(rel)  # external data: the weights of a file past protobuf's 2 GiB
-    pixels = _visual_pixels(work / "visual/model.onnx", size)
-    manifest: dict[str, Any] = {
-        "description": f"{(config.get('text_cfg') or {}).get('hf_tokenizer_name') or 'CLIP'} (Immich's ONNX export)",
-        "dim": int(config["embed_dim"]), "image_size": size, "resize": resize, "interpolation": interpolation,
-        "mean": pre.get("mean", [0.48145466, 0.4578275, 0.40821073]),
-        "std": pre.get("std", [0.26862954, 0.26130258, 0.27577711]),
-        "visual": {"file": "visual/model.onnx", "pixels": pixels, "data": data["visual"]},
-        "precision": "fp32", "random_weights": False,
-    }
-    if (work / "textual/model.onnx").is_file():
-        manifest["text"] = _immich_text(snapshot, work, config) | {"data": data["textual"]}
-    return manifest
-
-
-def _visual_pixels(path: Path, size: int) -> str:
-    """What the visual file takes: `float` [N, 3, S, S] (normalised by the service) or `uint8` [N, S, S, 3]
-    (Immich's newer exports fold the normalisation into the graph); anything else is refused."""
-    (name, kind, shape), *_ = _onnx_inputs(path)
-    dims = [d if isinstance(d, int) else None for d in shape]
-    if kind == "tensor(float)" and len(dims) == 4 and dims[1] == 3 and dims[2] in (size, None):
-        return "float"
-    if kind == "tensor(uint8)" and len(dims) == 4 and dims[3] == 3 and dims[1] in (size, None):
-        return "uint8"
-    raise Refused(f"the visual tower takes {name} {kind} {shape}: the service feeds [N, 3, {size}, {size}] float "
-                  f"or [N, {size}, {size}, 3] uint8 images")
-
-
-def _immich_text(snapshot: Path, work: Path, config: dict[str, Any]) -> dict[str, Any]:
-    from tokenizers import Tokenizer
-
-    if not (work / "textual/tokenizer.json").is_file():
-        raise Refused("textual/model.onnx comes without textual/tokenizer.json")
-    text_cfg = config.get("text_cfg") or {}
-    tok_cfg = _json(snapshot / "textual/tokenizer_config.json") if (snapshot / "textual/tokenizer_config.json").is_file() else {}
-    pad = tok_cfg.get("pad_token")
-    pad = pad.get("content") if isinstance(pad, dict) else pad
-    if not isinstance(pad, str) or not pad:
-        raise Refused("textual/tokenizer_config.json names no pad_token: the padding id is unknown")
-    pad_id = Tokenizer.from_file(str(work / "textual/tokenizer.json")).token_to_id(pad)
-    if pad_id is None:
-        raise Refused(f"the pad token {pad!r} of textual/tokenizer_config.json is not in textual/tokenizer.json")
-    inputs = [(name, shape) for name, _, shape in _onnx_inputs(work / "textual/model.onnx")]
-    if len(inputs) == 2:  # M-CLIP: the reference tokenises raw text, and padding is masked out
-        clean = "none"
-    else:  # open_clip: its SimpleTokenizer lower-cases, its Hugging Face tokenizers keep case
-        kwargs = text_cfg.get("tokenizer_kwargs") or {}
-        clean = str(kwargs.get("clean") or ("whitespace" if text_cfg.get("hf_tokenizer_name") else "lower"))
-    context = inputs[0][1][1] if len(inputs[0][1]) == 2 and isinstance(inputs[0][1][1], int) else None
-    # padded to the whole context: only our own causal CLIP exports may be trimmed to the longest text
-    return {"file": "textual/model.onnx", "tokenizer": "textual/tokenizer.json",
-            "context_length": int(context or text_cfg.get("context_length", 77)), "clean": clean,
-            "pad_id": int(pad_id), "trim": False}
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        value = orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError as exc:
-        raise Refused(f"{path.name} is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise Refused(f"{path.name} is not a JSON object")
-    return value
-
-
-def _onnx_inputs(path: Path) -> list[tuple[str, str, list[object]]]:
-    """(name, element type, shape) of each input of an ONNX file."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # a file onnxruntime cannot read: one line, not its traceback
-        raise Refused(f"{path.parent.name}/{path.name} cannot be loaded: {_brief(exc)}") from None
-    return [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check(folder: Path) -> tuple[int, bool]:
