@@ -195,7 +195,7 @@ class CollectionStore:
 
     def _ensure_collection(self, client: MilvusClient, spec: ModelSpec, record: Identity | None) -> str | None:
         """Create or check a model's collection and load it; the reason instead when the model's files are not
-        the ones that filled it (the collection is then left as it is and not loaded).
+        the ones that filled it (the collection is then left as it is, loaded for reading only).
 
         `record` is the identity stored for the model. A collection without one (made before identities were
         recorded, or by a process that stopped between creating it and recording) gets the identity of the
@@ -206,11 +206,11 @@ class CollectionStore:
         if exists and record is not None:
             reason = mismatch(record, mine, folder)
             if reason is not None:
-                return reason
+                return self._readable(client, name, reason)
         elif exists:
             dim = self._stored_dim(client, name)
             if dim is not None and dim != spec.dim:
-                return dim_mismatch(dim, mine, folder)
+                return self._readable(client, name, dim_mismatch(dim, mine, folder))
         else:
             try:
                 create_collection(client, name, spec.dim, self.index_kind)
@@ -222,10 +222,17 @@ class CollectionStore:
             record = identity.record(client, mine)
             reason = mismatch(record, mine, folder)
             if reason is not None:  # another process, with other files, recorded its own in between
-                return reason
+                return self._readable(client, name, reason)
         self._load(client, name)
         self._metric_types[name] = self._stored_metric(client, name)
         return None
+
+    def _readable(self, client: MilvusClient, name: str, reason: str) -> str:
+        """A refused model's collection is still loaded for reading (count, urls, dump): its rows can be moved
+        to a model of their own (bulk_ingest --from-model) even when the weights that filled it are gone."""
+        self._load(client, name)
+        self._metric_types[name] = self._stored_metric(client, name)
+        return reason
 
     def _load(self, client: MilvusClient, name: str, index: Callable[[], Any] | None = None) -> None:
         """Load a collection. Processes started together race to create it, and the winner makes its index a

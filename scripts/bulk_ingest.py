@@ -356,7 +356,7 @@ async def ingest(args: argparse.Namespace) -> int:
     async with ServiceClient(args) as client:
         await client.check_model()
         if args.from_model is not None:
-            await client.check_model(args.from_model)
+            await client.check_model(args.from_model, reading=True)  # a refused OLD can still be moved out
             total = await count_model(client, args)
         existing = await stored_urls(client) if args.skip_existing else frozenset()
         if args.skip_existing:

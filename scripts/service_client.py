@@ -138,13 +138,15 @@ class ServiceClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise ServiceError(f"{method} {path} failed: {type(exc).__name__}: {exc}".rstrip(": ")) from None
 
-    async def check_model(self, model: str | None = None) -> dict[str, Any]:
-        """The entry of `model` (default: --model) in GET /models, or a one-line error naming the models there are."""
+    async def check_model(self, model: str | None = None, reading: bool = False) -> dict[str, Any]:
+        """The entry of `model` (default: --model) in GET /models, or a one-line error naming the models there are.
+        A model the service refuses (its files are not those that filled its collection) is an error too,
+        unless only its rows are to be read (`reading`: count, urls and dump still answer for it)."""
         name = model or self.model
         models = await self.request("GET", "/models")
         for entry in models:
             if entry.get("name") == name:
-                if entry.get("refused"):  # its files are not the ones that filled its collection
+                if entry.get("refused") and not reading:
                     raise ScriptError(f"model {name!r} is not served by {self.base}: {entry['refused']}", EXIT_USAGE)
                 return dict(entry)
         names = ", ".join(sorted(str(m.get("name")) for m in models)) or "none"

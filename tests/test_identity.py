@@ -145,10 +145,15 @@ async def test_other_weights_under_a_served_name_are_refused_and_the_other_model
             for method, path, body in (("POST", "/models/thumb_b/add", {"url": f"{images}/img/identity/c.jpg"}),
                                        ("POST", "/models/thumb_b/search", {"url": f"{images}/img/identity/b.jpg"}),
                                        ("POST", "/models/thumb_b/restore", []),
-                                       ("GET", "/models/thumb_b/count", None)):
+                                       ("POST", "/models/thumb_b/remove", {"url": f"{images}/img/identity/b.jpg"})):
                 status, answer = await call(svc, method, path, body)
                 assert status == 409 and answer["type"] == "model_refused", (path, status, answer)
                 assert reason in answer["detail"]
+            # its rows can still be read, to move them to a model of their own
+            assert await call(svc, "GET", "/models/thumb_b/count") == (200, 1)
+            assert await call(svc, "GET", "/models/thumb_b/urls") == (200, [f"{images}/img/identity/b.jpg"])
+            status, rows = await call(svc, "GET", "/models/thumb_b/dump")
+            assert status == 200 and len(rows) == 1 and len(rows[0]["embedding"]) == 192
             status, answer = await call(svc, "GET", "/models/nope/count")
             assert status == 404 and answer["models"] == ["thumb_grid"]
             # the other model of the same folder is served
@@ -163,6 +168,15 @@ async def test_other_weights_under_a_served_name_are_refused_and_the_other_model
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             _, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 2 and b"'thumb_b' is not served" in err and b"Traceback" not in err, err
+            # ...but a refused model's rows can be moved out of it, into one that is served
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "scripts" / "bulk_ingest.py"), "--from-model", "thumb_b",
+                "--model", "thumb_grid", "--server", svc.url, "--no-state", "--failed", str(tmp_path / "f.jsonl"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err
+            assert await call(svc, "GET", "/models/thumb_grid/urls") == (200, sorted([
+                url, f"{images}/img/identity/b.jpg"]))
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "model thumb_b is not served" in errors[0], errors
     assert old[:12] in errors[0] and new[:12] in errors[0]
@@ -212,7 +226,8 @@ async def test_a_model_of_another_dimension_is_refused_not_a_crash(tmp_path: Pat
         reason = found["thumb_b"]["refused"]
         assert old[:12] in reason and new[:12] in reason and "192-d" in reason and "256-d" in reason
         assert found["thumb_b"]["dim"] == 256 and found["thumb_b"]["identity"] == {"visual_sha256": new, "dim": 256}
-        assert (await call(svc, "GET", "/models/thumb_b/count"))[0] == 409
+        assert (await call(svc, "POST", "/models/thumb_b/search", {"url": "http://x.test/a.jpg"}))[0] == 409
+        assert await call(svc, "GET", "/models/thumb_b/count") == (200, 0)  # read-only: the 192-d collection
         assert await call(svc, "GET", "/models/thumb_grid/count") == (200, 0)
 
     older = make_settings(tmp_path / "older", models)  # a 192-d collection without a record, 256-d files

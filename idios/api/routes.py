@@ -47,12 +47,16 @@ def backend(request: web.Request) -> Backend:
     return request.app[BACKEND]
 
 
-def model_of(request: web.Request) -> ModelSpec:
+def model_of(request: web.Request, reading: bool = False) -> ModelSpec:
+    """The model a route is for. A refused model (idios/identity.py) answers model_refused, except to the routes
+    that only read its collection (`reading`: count, urls, dump), so that its rows can still be moved out."""
     name = request.match_info["model"]
     be = backend(request)
     specs = be.specs
     if name not in specs:
         if name in be.refused:
+            if reading:
+                return be.refused[name]
             raise errors.ModelRefused(f"Model {name!r} is not served: {be.store.refused[name]}")
         raise errors.ModelNotFound(f"Model {name!r} not found", models=sorted(specs))
     return specs[name]
@@ -241,7 +245,7 @@ async def compare(request: web.Request) -> web.Response:
 
 
 async def _page(request: web.Request, with_data: bool) -> web.Response:
-    spec = model_of(request)
+    spec = model_of(request, reading=True)
     if request.method == "GET" or not request.can_read_body:
         data: dict[str, Any] = dict(request.query)
     else:
@@ -270,7 +274,7 @@ async def dump(request: web.Request) -> web.Response:
 
 @routes.get("/models/{model}/count")
 async def count(request: web.Request) -> web.Response:
-    spec = model_of(request)
+    spec = model_of(request, reading=True)
     return json_response(await backend(request).store.count(spec.name))
 
 
