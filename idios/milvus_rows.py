@@ -8,7 +8,7 @@ bytes of a packed repeated float field (its wire form is the little-endian float
 protobuf runtime reads in one copy. The request is sent through the client's own gRPC stub, with its call
 metadata (database name), so it reaches the server exactly as pymilvus's would.
 
-The collection layout is the one `store.create_collection` makes: url (VARCHAR primary key), embedding
+The collection layout is the one `schema.create_collection` makes: url (VARCHAR primary key), embedding
 (FLOAT_VECTOR), metadata (JSON).
 """
 

@@ -42,7 +42,7 @@ from milvus_standalone import MILVUS_VERSION, MilvusStandalone  # noqa: E402
 from idios import milvus_rows  # noqa: E402
 from idios.models import discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
-from idios.store import create_collection  # noqa: E402
+from idios.schema import create_collection  # noqa: E402
 
 DIM = 512
 MODEL = "thumb512"

@@ -35,7 +35,7 @@ from idios.engines import EnginePlan, Tower, detect_machine, open_tower, plan  #
 from idios.filters import url_in  # noqa: E402
 from idios.models import ModelSpec, discover  # noqa: E402
 from idios.settings import Settings  # noqa: E402
-from idios.store import METRIC, create_collection  # noqa: E402
+from idios.schema import METRIC, create_collection  # noqa: E402
 from idios.writer import PARALLEL_WRITES  # noqa: E402
 
 PHASES = ("ceiling", "ingest", "amqp", "restore", "search", "dump", "floors")

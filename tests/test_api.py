@@ -15,7 +15,7 @@ from pymilvus import MilvusClient
 
 from idios.api.restore_body import INLINE_BYTES
 from idios.bus import LocalBus
-from idios.store import create_collection
+from idios.schema import create_collection
 from tests.conftest import Service, make_settings, running_service
 from tests.imagekit import jpeg
 

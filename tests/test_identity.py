@@ -20,7 +20,7 @@ from pymilvus import MilvusClient
 
 from idios.settings import Settings
 from idios.identity import IDENTITIES
-from idios.store import create_collection
+from idios.schema import create_collection
 from tests.conftest import ROOT, Service, make_settings, running_service
 
 import make_thumb_model
