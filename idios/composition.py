@@ -23,9 +23,8 @@ from idios.writer import Writer
 async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterator[Backend]:
     """API and worker in one process. Without IDIOS_AMQP_URL the bus is in-process; with it, jobs go through
     RabbitMQ, so workers on other machines can share the load with this one."""
-    found = discover(settings.models_dir)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(CollectionStore(settings, found))
+        store = await stack.enter_async_context(CollectionStore(settings, discover(settings.models_dir)))
         specs = store.served()  # a refused model (idios/identity.py) gets no runtime, text tower or batcher
         texts = await load_text_runtimes(specs, settings, stack, metrics)
         writer = Writer(settings, store)  # one per process: the API's writes and the worker's share its claims
@@ -38,8 +37,7 @@ async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterato
         else:
             bus = LocalBus(handler, settings.max_in_flight, settings.job_timeout)
         visual = {name: runtime.visual for name, runtime in handler.runtimes.items()}
-        backend = Backend(settings, specs, store, writer, bus, metrics, texts, visual=visual,
-                          refused={name: found[name] for name in store.refused})
+        backend = Backend(settings, specs, store, writer, bus, metrics, texts, visual=visual)
         stack.push_async_callback(backend.restore_bodies.aclose)
         yield backend
 
@@ -49,13 +47,11 @@ async def distributed_backend(settings: Settings, metrics: Metrics) -> AsyncIter
     """The stateless API of the distributed deployment: the text towers (no visual tower), Milvus for reads,
     RabbitMQ for image work."""
     require_distributed(settings)
-    found = discover(settings.models_dir)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(CollectionStore(settings, found))
+        store = await stack.enter_async_context(CollectionStore(settings, discover(settings.models_dir)))
         specs = store.served()
         texts = await load_text_runtimes(specs, settings, stack, metrics)
         bus = await stack.enter_async_context(AmqpBus(settings))
-        backend = Backend(settings, specs, store, Writer(settings, store), bus, metrics, texts,
-                          refused={name: found[name] for name in store.refused})
+        backend = Backend(settings, specs, store, Writer(settings, store), bus, metrics, texts)
         stack.push_async_callback(backend.restore_bodies.aclose)
         yield backend

@@ -36,7 +36,7 @@ class TextEncoder:
         self.context_length = tower.context_length
         self.clean = CLEANERS[tower.clean]
         self.tower = model
-        self.trimmed = model.dynamic_length and tower.trim
+        self.trimmed = model.feed.dynamic_length and tower.trim
         self.tokenizer = Tokenizer.from_file(str(tower.tokenizer))
         self.tokenizer.enable_truncation(max_length=tower.context_length)
         pad_token = self.tokenizer.id_to_token(tower.pad_id) or "[PAD]"

@@ -188,6 +188,13 @@ class WorkerFailure(IdiosError):
     transient = True
 
 
+def brief(exc: BaseException) -> str:
+    """An exception in one line for a log or an answer: its first line (pymilvus's `message` when it has one), at
+    most 200 characters, or its class name when it says nothing."""
+    lines = str(getattr(exc, "message", "") or exc).strip().splitlines()
+    return (lines[0] if lines else exc.__class__.__name__)[:200]
+
+
 def _all_subclasses(cls: type[IdiosError]) -> list[type[IdiosError]]:
     out = [cls]
     for sub in cls.__subclasses__():

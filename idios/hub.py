@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from idios import immich
+from idios import errors, immich
 from idios.identity import sha256_of
 from idios.models import MANIFEST, NAME_RE, load_manifest
 
@@ -177,7 +177,7 @@ def _fetch(repo: str, revision: str | None, patterns: list[str], skip: list[str]
         if constants.is_offline_mode():
             raise PullError(f"HF_HUB_OFFLINE is set and the cache holds no copy of {repo}") from None
         cause = exc.__cause__ or exc
-        raise PullError(f"cannot reach the hub at {endpoint()} ({_brief(cause)}) and the cache holds no copy "
+        raise PullError(f"cannot reach the hub at {endpoint()} ({errors.brief(cause)}) and the cache holds no copy "
                         f"of {repo}") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "an error"
@@ -185,12 +185,7 @@ def _fetch(repo: str, revision: str | None, patterns: list[str], skip: list[str]
     except OSError as exc:
         raise PullError(f"cannot store {repo}: {exc}") from None
     except Exception as exc:  # the transport's own errors (huggingface_hub lets a few through unwrapped)
-        raise PullError(f"cannot reach the hub at {endpoint()} ({exc.__class__.__name__}: {_brief(exc)})") from None
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else exc.__class__.__name__)[:200]
+        raise PullError(f"cannot reach the hub at {endpoint()} ({exc.__class__.__name__}: {errors.brief(exc)})") from None
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -265,7 +260,7 @@ def check(folder: Path) -> tuple[int, bool]:
     except Refused:
         raise
     except Exception as exc:  # the engine's own words on a file it cannot run, or inputs it rejects
-        raise Refused(f"the model does not run as the service would run it: {_brief(exc)}") from None
+        raise Refused(f"the model does not run as the service would run it: {errors.brief(exc)}") from None
     return spec.dim, spec.text is not None
 
 

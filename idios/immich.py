@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from idios import errors
 from idios.models import INTERPOLATIONS, RESIZES
 
 # what says which layout a repo has, and how to read it (small files, fetched first)
@@ -131,7 +132,6 @@ def onnx_inputs(path: Path) -> list[tuple[str, str, list[object]]]:
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # a file onnxruntime cannot read: one line, not its traceback
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
-        raise Unservable(f"{path.parent.name}/{path.name} cannot be loaded: {first}") from None
+        raise Unservable(f"{path.parent.name}/{path.name} cannot be loaded: {errors.brief(exc)}") from None
     return [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
 

@@ -65,12 +65,6 @@ class ModelSpec:
         return (self.visual, *extra, *self.visual_data)
 
     @property
-    def source(self) -> dict[str, Any] | None:
-        """Where the weights came from (`python -m idios pull` records the repo, revision and layout)."""
-        value = self.raw.get("source")
-        return value if isinstance(value, dict) else None
-
-    @property
     def has_text(self) -> bool:
         return self.text is not None
 

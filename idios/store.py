@@ -87,6 +87,10 @@ class CollectionStore:
         # Milvus Lite answers every read with everything written; a server reads Bounded (see writer.Settler)
         self._consistency: dict[str, Any] = {} if settings.is_milvus_lite else {"consistency_level": "Bounded"}
 
+    def refused_specs(self) -> dict[str, ModelSpec]:
+        """The models this store refuses (reasons in `refused`), as found in the models folder."""
+        return {name: spec for name, spec in self._specs.items() if name in self.refused}
+
     def served(self) -> dict[str, ModelSpec]:
         """The models this store serves: all it was opened with but the refused ones. The composition roots
         load runtimes, text towers and batchers for these only, so nothing embeds into a refused collection."""
@@ -140,7 +144,7 @@ class CollectionStore:
             except Exception as exc:
                 if not unavailable(exc) or time.monotonic() > deadline:
                     raise
-                log.warning("Milvus at %s does not answer yet (%s); trying again", s.milvus_target, _brief(exc))
+                log.warning("Milvus at %s does not answer yet (%s); trying again", s.milvus_target, errors.brief(exc))
                 time.sleep(0.5)
 
     def _ensure_database(self, name: str) -> str:
@@ -219,7 +223,7 @@ class CollectionStore:
                     try:
                         client.create_index(name, index() if index else embedding_index(client, self.index_kind))
                     except Exception as again:  # the creator got there in between: load again
-                        log.info("index of %s: %s", name, _brief(again))
+                        log.info("index of %s: %s", name, errors.brief(again))
                     deadline = time.monotonic() + INDEX_WAIT
                 time.sleep(0.2)
 
@@ -253,7 +257,7 @@ class CollectionStore:
             return await call
         except Exception as exc:
             if unavailable(exc):
-                raise errors.StoreUnavailable(f"the Milvus server is unavailable: {_brief(exc)}") from exc
+                raise errors.StoreUnavailable(f"the Milvus server is unavailable: {errors.brief(exc)}") from exc
             raise
 
     async def _write(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -271,8 +275,8 @@ class CollectionStore:
                 if loop.time() + delay > deadline:
                     raise errors.StoreUnavailable(
                         f"the Milvus server did not take a write within {self._settings.milvus_retry:g} s: "
-                        f"{_brief(exc)}") from exc
-                log.warning("Milvus write failed (%s); trying again in %.2f s", _brief(exc), delay)
+                        f"{errors.brief(exc)}") from exc
+                log.warning("Milvus write failed (%s); trying again in %.2f s", errors.brief(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
@@ -397,7 +401,3 @@ class CollectionStore:
             if row is not None:  # removed between the two queries
                 rows.append({"url": self._url(key), "embedding": row["embedding"], "metadata": row["metadata"]})
         return rows
-
-
-def _brief(exc: BaseException) -> str:
-    return str(getattr(exc, "message", "") or exc).splitlines()[0][:200]

@@ -4,12 +4,10 @@ one collection. Real services over real Milvus Lite files, real ONNX models buil
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from idios.settings import Settings
 from idios.identity import IDENTITIES
 from idios.schema import create_collection
 from tests.conftest import ROOT, Service, make_settings, running_service
+from tests.test_scripts import script
 
 import make_thumb_model
 
@@ -162,19 +161,13 @@ async def test_other_weights_under_a_served_name_are_refused_and_the_other_model
             assert (await call(svc, "POST", "/models/thumb_grid/add", {"url": url}))[0] == 204
             assert await call(svc, "GET", "/models/thumb_grid/count") == (200, 1)
             # the client scripts say so in one line instead of sending to it
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(ROOT / "scripts" / "bulk_ingest.py"), "--from-model", "thumb_grid",
-                "--model", "thumb_b", "--server", svc.url, "--no-state", "--failed", str(tmp_path / "f.jsonl"),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            _, err = await asyncio.wait_for(proc.communicate(), 60)
-            assert proc.returncode == 2 and b"'thumb_b' is not served" in err and b"Traceback" not in err, err
+            moved = await script("bulk_ingest.py", "--from-model", "thumb_grid", "--model", "thumb_b",
+                                 "--server", svc.url, "--no-state", "--failed", tmp_path / "f.jsonl")
+            assert moved.rc == 2 and "'thumb_b' is not served" in moved.err and "Traceback" not in moved.err, moved
             # ...but a refused model's rows can be moved out of it, into one that is served
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(ROOT / "scripts" / "bulk_ingest.py"), "--from-model", "thumb_b",
-                "--model", "thumb_grid", "--server", svc.url, "--no-state", "--failed", str(tmp_path / "f.jsonl"),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-            assert proc.returncode == 0, err
+            moved = await script("bulk_ingest.py", "--from-model", "thumb_b", "--model", "thumb_grid",
+                                 "--server", svc.url, "--no-state", "--failed", tmp_path / "f.jsonl")
+            assert moved.rc == 0, moved.err
             assert await call(svc, "GET", "/models/thumb_grid/urls") == (200, sorted([
                 url, f"{images}/img/identity/b.jpg"]))
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

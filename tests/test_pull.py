@@ -46,7 +46,12 @@ async def pull(env: dict[str, str], models: Path, *args: str) -> tuple[int, str,
         sys.executable, "-m", "idios", "pull", *args, "--models-dir", str(models), cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:  # a pull still running when the test fails is killed
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -313,7 +318,12 @@ async def listed_models(env: dict[str, str]) -> tuple[list[str], str]:
                 names = sorted(m["name"] for m in await resp.json() if not m.get("refused"))
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        finally:  # one that does not stop on SIGTERM is killed, and the test fails below
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
     return names, out.decode(errors="replace")
 

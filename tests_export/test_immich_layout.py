@@ -112,7 +112,12 @@ async def test_an_immich_style_export_of_vit_b32_is_pulled_and_served_as_open_cl
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "idios", "pull", "vit_b32", "--models-dir", str(models), cwd=ROOT, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 300)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 300)
+        finally:  # a pull still running when the test fails is killed
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     assert proc.returncode == 0, err.decode()[-3000:]
     spec = load_manifest(models / "vit_b32")
     assert (spec.dim, spec.image_size, spec.resize, spec.interpolation) == (512, 224, "shortest", "bicubic")

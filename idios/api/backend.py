@@ -30,10 +30,13 @@ class Backend:
     restore_bodies: RestoreParser = field(default_factory=RestoreParser)
     # the visual towers this process runs itself (embedded); empty in the distributed API, whose workers run them
     visual: dict[str, Tower] = field(default_factory=dict)
-    # models found in the models folder but not served: their files differ from what filled their collection
-    # (the reason is store.refused[name]); their routes answer 409 `model_refused`, but count, urls and dump
-    # still read their collection (to move its rows out)
-    refused: dict[str, ModelSpec] = field(default_factory=dict)
+
+    @property
+    def refused(self) -> dict[str, ModelSpec]:
+        """Models found in the models folder but not served: their files differ from what filled their
+        collection (the reason is store.refused[name]); their routes answer 409 `model_refused`, but count, urls
+        and dump still read their collection (to move its rows out)."""
+        return self.store.refused_specs()
 
 
 BACKEND = web.AppKey("backend", Backend)

@@ -105,15 +105,15 @@ async def list_models(request: web.Request) -> web.Response:
         {"name": s.name, "dim": s.dim, "text": s.name in be.texts,
          "engines": {"visual": engine_of(be.visual.get(s.name)),
                      "text": engine_of(be.texts[s.name].encoder.tower if s.name in be.texts else None)},
-         **identity_of(be, s)}
+         **source_and_identity(be, s)}
         for s in be.specs.values()
     ]
-    refused = [{"name": s.name, "dim": s.dim, "text": False, "refused": be.store.refused[s.name], **identity_of(be, s)}
-               for s in be.refused.values()]
+    refused = [{"name": s.name, "dim": s.dim, "text": False, "refused": be.store.refused[s.name],
+                **source_and_identity(be, s)} for s in be.refused.values()]
     return json_response(served + refused)
 
 
-def identity_of(be: Backend, spec: ModelSpec) -> dict[str, Any]:
+def source_and_identity(be: Backend, spec: ModelSpec) -> dict[str, Any]:
     """Where a model's weights came from (its manifest's `source`) and the identity of its files as they are
     (idios/identity.py); for a refused model, the files that are not the ones its collection was filled by."""
     found = be.store.identities.get(spec.name)

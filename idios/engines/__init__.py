@@ -32,8 +32,7 @@ class Tower(Protocol):
     engine: str
     precision: str
     device: str
-    dynamic_length: bool
-    feed: Feed  # how its file takes its inputs
+    feed: Feed  # how its file takes its inputs (names, element types, fixed batch size, dynamic length)
 
     def run(self, batch: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray: ...
 

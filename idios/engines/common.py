@@ -27,8 +27,8 @@ DTYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)
 class Feed:
     """How a tower's file takes its inputs, read from the file itself: the main input (images, or token ids),
     then an attention mask when it has one (M-CLIP's text towers); their element types (Immich's text towers
-    take int32 ids, open_clip's own exports int64; Immich's newer visual towers RGB bytes); and a batch size fixed at export (Immich's newer exports
-    are fixed at 1), which `run` meets by running the batch in pieces of that size."""
+    take int32 ids, open_clip's own exports int64; Immich's newest visual towers RGB bytes); and a batch size
+    fixed at export (Immich's exporter fixes it at 1), which `run` meets by running the batch in pieces."""
 
     names: tuple[str, ...]
     dtypes: tuple[type, ...]

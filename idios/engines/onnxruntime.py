@@ -79,7 +79,6 @@ class OrtTower:
         self.device = self.session.get_providers()[0]
         self.feed = Feed.read([(i.name, i.type, i.shape) for i in self.session.get_inputs()], path.name)
         self.output = self.session.get_outputs()[0].name
-        self.dynamic_length = self.feed.dynamic_length
 
     def _call(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         (out,) = self.session.run([self.output], inputs)

@@ -96,7 +96,6 @@ class OpenVinoTower:
         self.compiled = compile_cached(ov.Core(), path, config, cache)
         self.feed = Feed.read([(i.get_any_name(), i.get_element_type().get_type_name(), _dims(i.get_partial_shape()))
                                for i in self.compiled.inputs], path.name)
-        self.dynamic_length = self.feed.dynamic_length
         self.precision = precision
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
