@@ -41,13 +41,14 @@ def hub_env(hub_url: str, tmp: Path, **extra: str) -> dict[str, str]:
     return env | extra
 
 
-async def pull(env: dict[str, str], models: Path, *args: str) -> tuple[int, str, str]:
+async def pull(env: dict[str, str], models: Path, *args: str, timeout: float = 120) -> tuple[int, str, str]:
+    """`python -m idios pull ARGS --models-dir MODELS` to the end: (exit status, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "idios", "pull", *args, "--models-dir", str(models), cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
     finally:  # a pull still running when the test fails is killed
         if proc.returncode is None:
             proc.kill()

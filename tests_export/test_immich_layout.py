@@ -13,11 +13,8 @@ not open_clip's 0) give open_clip's embeddings."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -33,7 +30,8 @@ from idios.engines.onnxruntime import OrtTower
 from idios.engines.openvino import OpenVinoTower
 from idios.models import load_manifest
 from tests.hubserver import Repo, fake_hub
-from tests_export.conftest import COSINE_TOWER, ROOT, Exported, cosines, encode, skimage_photo
+from tests.test_pull import hub_env, pull
+from tests_export.conftest import COSINE_TOWER, Exported, cosines, encode, skimage_photo
 from tests_export.test_tower_parity import PHOTOS, TEXTS
 import export_clip as ec
 
@@ -108,17 +106,8 @@ async def test_an_immich_style_export_of_vit_b32_is_pulled_and_served_as_open_cl
     files = immich_repo(clip, tmp_path, pixels)
     models = tmp_path / "models"
     async with fake_hub({"immich-app/ViT-B-32__openai": Repo(files)}) as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "idios", "pull", "vit_b32", "--models-dir", str(models), cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 300)
-        finally:  # a pull still running when the test fails is killed
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    assert proc.returncode == 0, err.decode()[-3000:]
+        rc, _, err = await pull(hub_env(hub.url, tmp_path), models, "vit_b32", timeout=300)
+    assert rc == 0, err[-3000:]
     spec = load_manifest(models / "vit_b32")
     assert (spec.dim, spec.image_size, spec.resize, spec.interpolation) == (512, 224, "shortest", "bicubic")
     assert spec.mean == pytest.approx(clip.mean) and spec.std == pytest.approx(clip.std)
