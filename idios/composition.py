@@ -10,13 +10,21 @@ from idios.amqp import AmqpBus
 from idios.api.backend import Backend
 from idios.bus import JobBus, LocalBus
 from idios.consumer import JobConsumer
+from idios.dedup import KIND, find_duplicates
 from idios.embed import load_text_runtimes
+from idios.jobs import JobRoom
 from idios.metrics import Metrics
 from idios.models import discover
 from idios.settings import Settings, require_distributed
 from idios.store import CollectionStore
 from idios.worker import JobHandler
 from idios.writer import Writer
+
+
+def job_room(store: CollectionStore) -> JobRoom:
+    """The long jobs this process runs (and adopts from processes that stopped): duplicates, for the models it
+    serves. They only read Milvus, so they run in the API process of either deployment."""
+    return JobRoom(store, store.served(), {KIND: find_duplicates})
 
 
 @asynccontextmanager
@@ -37,7 +45,8 @@ async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterato
         else:
             bus = LocalBus(handler, settings.max_in_flight, settings.job_timeout)
         visual = {name: runtime.visual for name, runtime in handler.runtimes.items()}
-        backend = Backend(settings, specs, store, writer, bus, metrics, texts, visual=visual)
+        jobs = await stack.enter_async_context(job_room(store))
+        backend = Backend(settings, specs, store, writer, bus, metrics, texts, jobs, visual=visual)
         stack.push_async_callback(backend.restore_bodies.aclose)
         yield backend
 
@@ -52,6 +61,7 @@ async def distributed_backend(settings: Settings, metrics: Metrics) -> AsyncIter
         specs = store.served()
         texts = await load_text_runtimes(specs, settings, stack, metrics)
         bus = await stack.enter_async_context(AmqpBus(settings))
-        backend = Backend(settings, specs, store, Writer(settings, store), bus, metrics, texts)
+        jobs = await stack.enter_async_context(job_room(store))
+        backend = Backend(settings, specs, store, Writer(settings, store), bus, metrics, texts, jobs)
         stack.push_async_callback(backend.restore_bodies.aclose)
         yield backend

@@ -143,9 +143,42 @@ class AlreadyInserted(IdiosError):
         super().__init__("Image already inserted")
 
 
+class NearDuplicate(IdiosError):
+    """search_add with min_similarity: a stored image (`url`) is at least that similar (`similarity`)."""
+
+    status = 409
+    type = "near_duplicate"
+
+
 class NotFound(IdiosError):
     status = 404
     type = "not_found"
+
+
+class JobNotFound(IdiosError):
+    status = 404
+    type = "job_not_found"
+
+
+class JobRunning(IdiosError):
+    """A job of the same kind already runs for the model (idios/jobs.py); `job` names it."""
+
+    status = 409
+    type = "job_running"
+
+
+class JobNotDone(IdiosError):
+    """The result of a job that has not finished (or failed, or was cancelled) was asked for."""
+
+    status = 409
+    type = "job_not_done"
+
+
+class JobFinished(IdiosError):
+    """A job that is not running any more was asked to stop."""
+
+    status = 409
+    type = "job_finished"
 
 
 class PayloadTooLarge(IdiosError):

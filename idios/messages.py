@@ -28,6 +28,7 @@ class BusJob:
     image: bytes | None = None  # an uploaded image, used instead of fetching `url`
     rows: list[dict[str, Any]] = field(default_factory=list)
     request_id: str = ""
+    hashed: bool = False  # EMBED of an image the API will store itself: its perceptual hash comes back too
 
     def to_wire(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind.value, "model": self.model, "request_id": self.request_id}
@@ -39,6 +40,8 @@ class BusJob:
             data["image"] = base64.b64encode(self.image).decode("ascii")
         if self.rows:
             data["rows"] = self.rows
+        if self.hashed:
+            data["hashed"] = True
         return data
 
     @classmethod
@@ -52,6 +55,7 @@ class BusJob:
             image=base64.b64decode(image) if image is not None else None,
             rows=data.get("rows") or [],
             request_id=data.get("request_id", ""),
+            hashed=bool(data.get("hashed", False)),
         )
 
 
@@ -62,6 +66,8 @@ class JobResult:
     embedding: np.ndarray | None = None
     written: int = 0
     error: dict[str, Any] | None = None
+    # an EMBED job's image's perceptual hash, when asked for (BusJob.hashed); "" otherwise
+    phash: str = ""
 
     @property
     def ok(self) -> bool:
@@ -73,6 +79,8 @@ class JobResult:
             data["embedding"] = self.embedding.astype(np.float32).tolist()
         if self.error is not None:
             data["error"] = self.error
+        if self.phash:
+            data["phash"] = self.phash
         return data
 
     @classmethod
@@ -82,4 +90,5 @@ class JobResult:
             embedding=np.asarray(emb, dtype=np.float32) if emb is not None else None,
             written=int(data.get("written", 0)),
             error=data.get("error"),
+            phash=str(data.get("phash") or ""),
         )

@@ -80,6 +80,13 @@ class ModelSpec:
         """The weights as exported: `fp32`, or `int8` for a quantised copy."""
         return str(self.raw.get("precision", "fp32"))
 
+    @property
+    def duplicate_similarity(self) -> float | None:
+        """The similarity from which two images count as duplicates for this model, as measured on real photos
+        (manifest `duplicates.min_similarity`, scripts/duplicate_quality.py); None when never measured."""
+        value = (self.raw.get("duplicates") or {}).get("min_similarity")
+        return float(value) if isinstance(value, (int, float)) and 0 <= value <= 100 else None
+
     def bf16_min_cosine(self, kind: str) -> float | None:
         """The least bf16-vs-fp32 cosine measured for a tower (manifest `fidelity.bf16.KIND.min_cosine`)."""
         entry = ((self.raw.get("fidelity") or {}).get("bf16") or {}).get(kind) or {}

@@ -1,5 +1,5 @@
-"""What Idios's Milvus collections look like: one per model (url primary key, unit vectors, metadata JSON),
-and their vector index. (The model identities' collection is idios/identity.py's.)"""
+"""What Idios's Milvus collections look like: one per model (url primary key, unit vectors, metadata JSON,
+pHash), and their vector index. (The model identities' collection is idios/identity.py's.)"""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from typing import Any
 from pymilvus import DataType, MilvusClient
 
 from idios.limits import URL_MAX
+from idios.phash import HEX_CHARS
+
+# The image's perceptual hash (idios/phash.py), "" when unknown. Collections made before it have no such field
+# and keep working without it (CollectionStore.has_phash).
+PHASH = "phash"
 
 # Every stored vector has unit length (models' outputs are L2-normalised; restore scales rows to length 1), so
 # the inner product is the cosine. New collections compare by IP: Milvus's COSINE FLAT search also computes the
@@ -26,12 +31,16 @@ def index_args(kind: str, metric: str = METRIC) -> dict[str, Any]:
     return {"index_type": kind, "metric_type": metric, "params": params}
 
 
-def create_collection(client: MilvusClient, name: str, dim: int, index_kind: str, metric: str = METRIC) -> None:
-    """A collection as Idios stores a model: url primary key, unit vectors (compared by IP), metadata JSON."""
+def create_collection(client: MilvusClient, name: str, dim: int, index_kind: str, metric: str = METRIC,
+                      phash: bool = True) -> None:
+    """A collection as Idios stores a model: url primary key, unit vectors (compared by IP), metadata JSON, pHash
+    (`phash=False`: as versions before it made them)."""
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("url", DataType.VARCHAR, is_primary=True, max_length=URL_MAX)
     schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("metadata", DataType.JSON)
+    if phash:  # neither Milvus Lite 2.5.1 nor the 2.3.5 server has nullable fields: "" stands for unknown
+        schema.add_field(PHASH, DataType.VARCHAR, max_length=HEX_CHARS)
     client.create_collection(name, schema=schema, index_params=embedding_index(client, index_kind, metric),
                              consistency_level="Strong")
 

@@ -18,7 +18,7 @@ from idios.filters import url_after, url_in
 from idios.identity import Identity, dim_mismatch, identity_of, mismatch
 from idios.limits import PAGE_MAX
 from idios.models import ModelSpec
-from idios.schema import METRIC, create_collection, embedding_index
+from idios.schema import METRIC, PHASH, create_collection, embedding_index
 from idios.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Row:
     url: str
     embedding: np.ndarray
     metadata: dict[str, Any] | None
+    phash: str = ""  # idios.phash of the image, "" unknown; not stored where the collection has no such field
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class CollectionStore:
         self._swap_quotes = settings.is_milvus_lite
         self.index_kind = settings.vector_index
         self._metric_types: dict[str, str] = {}  # collection -> the metric its index was built with
+        self._with_phash: set[str] = set()  # collections that have the phash field (made since it exists)
         # the identity of each model's files as they are (idios/identity.py), hashed once at start-up
         self.identities: dict[str, Identity] = {}
         # models not served, with the reason: their files differ from what filled their collection
@@ -196,6 +198,7 @@ class CollectionStore:
                 return self._readable(client, name, reason)
         self._load(client, name)
         self._metric_types[name] = self._stored_metric(client, name)
+        self._note_fields(client, name)
         return None
 
     def _readable(self, client: MilvusClient, name: str, reason: str) -> str:
@@ -203,6 +206,7 @@ class CollectionStore:
         to a model of their own (bulk_ingest --from-model) even when the weights that filled it are gone."""
         self._load(client, name)
         self._metric_types[name] = self._stored_metric(client, name)
+        self._note_fields(client, name)
         return reason
 
     def _load(self, client: MilvusClient, name: str, index: Callable[[], Any] | None = None) -> None:
@@ -235,12 +239,26 @@ class CollectionStore:
                 return str(metric).upper()
         return METRIC
 
+    def _note_fields(self, client: MilvusClient, name: str) -> None:
+        """Whether a collection has the phash field: those made before it existed keep working without it."""
+        if any(f.get("name") == PHASH for f in client.describe_collection(name).get("fields", [])):
+            self._with_phash.add(name)
+
+    def has_phash(self, model: str) -> bool:
+        """Whether the model's collection stores images' perceptual hashes (idios/phash.py)."""
+        return self._collection(model) in self._with_phash
+
     @staticmethod
     def _stored_dim(client: MilvusClient, name: str) -> int | None:
         for field in client.describe_collection(name).get("fields", []):
             if field.get("name") == "embedding":
                 return int(field.get("params", {}).get("dim", 0)) or None
         return None
+
+    @property
+    def retry_seconds(self) -> float:
+        """How long a write is tried again while the server is unavailable (IDIOS_MILVUS_RETRY)."""
+        return self._settings.milvus_retry
 
     @property
     def client(self) -> AsyncMilvusClient:
@@ -287,8 +305,9 @@ class CollectionStore:
         keys = [self._key(r.url) for r in rows]
         matrix = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in rows])
         metadata = [r.metadata or {} for r in rows]
+        phash = [r.phash for r in rows] if name in self._with_phash else None
         await self._write(lambda: milvus_rows.write(self.client, name, keys, matrix, metadata, upsert=upsert,
-                                                    timeout=self._settings.milvus_timeout))
+                                                    timeout=self._settings.milvus_timeout, phash=phash))
 
     async def delete(self, model: str, url: str) -> None:
         name = self._collection(model)
@@ -357,12 +376,14 @@ class CollectionStore:
         best = np.argsort(-scores, kind="stable")[:limit]
         return [Hit(self._url(rows[i]["url"]), rows[i].get("metadata"), similarity(float(scores[i]))) for i in best]
 
-    async def count(self, model: str) -> int:
-        res = await self._read(self.client.query(self._collection(model), filter="", output_fields=["count(*)"],
+    async def count(self, model: str, where: str = "") -> int:
+        """Milvus's count of a collection's rows (those passing `where`, a metadata filter, if given)."""
+        res = await self._read(self.client.query(self._collection(model), filter=where, output_fields=["count(*)"],
                                                  **self._consistency))
         return int(res[0]["count(*)"])
 
-    async def page(self, model: str, cursor: str | None, limit: int, with_data: bool) -> list[dict[str, Any]]:
+    async def page(self, model: str, cursor: str | None, limit: int, with_data: bool,
+                   where: str = "") -> list[dict[str, Any]]:
         """Rows with url > cursor in url order. Milvus returns a limited query merged in primary-key order.
 
         With data, the page's urls come first and their rows second, in chunks: Milvus Lite answers a range
@@ -374,18 +395,20 @@ class CollectionStore:
         """
         name = self._collection(model)
         expr = url_after(self._key(cursor) if cursor else None) or 'url >= ""'
+        if where:  # a metadata filter (idios/filters.py): the rows that pass it, in the same order
+            expr = f"({expr}) and ({where})"
         keys = await self._read(self.client.query(name, filter=expr, output_fields=["url"],
                                                   limit=min(limit, PAGE_MAX), **self._consistency))
         ordered = sorted(r["url"] for r in keys)
         if not with_data:
             return [{"url": self._url(k)} for k in ordered]
         gate = asyncio.Semaphore(PARALLEL_QUERIES)
+        fields = ["url", "embedding", "metadata", *([PHASH] if name in self._with_phash else [])]
 
         async def rows_of(chunk: list[str]) -> Any:
             async with gate:
                 return await self._read(self.client.query(
-                    name, filter=url_in(chunk), output_fields=["url", "embedding", "metadata"], strict_float32=True,
-                    **self._consistency))
+                    name, filter=url_in(chunk), output_fields=fields, strict_float32=True, **self._consistency))
 
         by_key: dict[str, dict[str, Any]] = {}
         chunks = [ordered[i : i + ROWS_PER_QUERY] for i in range(0, len(ordered), ROWS_PER_QUERY)]
@@ -399,5 +422,34 @@ class CollectionStore:
         for key in ordered:
             row = by_key.get(key)
             if row is not None:  # removed between the two queries
-                rows.append({"url": self._url(key), "embedding": row["embedding"], "metadata": row["metadata"]})
+                rows.append({"url": self._url(key), "embedding": row["embedding"], "metadata": row["metadata"],
+                             **({PHASH: row[PHASH]} if row.get(PHASH) else {})})  # no key when unknown
         return rows
+
+    async def neighbours(self, model: str, vectors: np.ndarray, min_cosine: float, limit: int,
+                         where: str = "") -> list[list[tuple[str, float]]]:
+        """For each vector, the stored urls whose cosine to it is at least `min_cosine` (at most `limit` of them,
+        best first), with that cosine: one range search for many vectors at once (idios/dedup.py)."""
+        name = self._collection(model)
+        # range search on an IP/COSINE index: radius < score <= range_filter (unit vectors score at most 1)
+        params: dict[str, Any] = {"radius": min_cosine - 1e-6, "range_filter": 2.0}
+        if self.index_kind == "HNSW":
+            params["ef"] = max(self._settings.search_ef, limit)
+        res = await self._read(self.client.search(
+            name, data=[row.tolist() for row in np.asarray(vectors, dtype=np.float32)], limit=limit, filter=where,
+            output_fields=["url"], anns_field="embedding",
+            search_params={"metric_type": self._metric_types.get(name, METRIC), "params": params},
+            **self._consistency))
+        return [[(self._url(h["entity"]["url"]), float(h["distance"])) for h in hits] for hits in res]
+
+    async def rows_of(self, model: str, urls: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored rows of `urls` (those still stored), with `fields`, by url; vectors as float32 arrays."""
+        name = self._collection(model)
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(urls), ROWS_PER_QUERY):
+            chunk = [self._key(u) for u in urls[start : start + ROWS_PER_QUERY]]
+            res = await self._read(self.client.query(name, filter=url_in(chunk), output_fields=["url", *fields],
+                                                     strict_float32=True, **self._consistency))
+            for row in res:
+                found[self._url(row["url"])] = row
+        return found

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from idios import errors
-from idios.decode import DecodeLimits, preprocess
+from idios.decode import DecodeLimits, prepare
 from idios.embed import ModelRuntime, load_runtimes
 from idios.fetch import ImageFetcher
 from idios.messages import BusJob, JobKind, JobResult
 from idios.metrics import Metrics
 from idios.models import ModelSpec
+from idios.phash import valid
 from idios.settings import Settings
 from idios.store import Row
 from idios.writer import Writer
@@ -99,25 +100,27 @@ class JobHandler:
                 raise errors.ModelRefused(f"Model {job.model!r} is not served by this worker: {why}")
             raise errors.ModelNotFound(f"Model {job.model!r} is not loaded by this worker")
         if job.kind is JobKind.EMBED:
-            return JobResult(embedding=await self._embed_image(runtime, job))
+            vector, phash = await self._embed_image(runtime, job, hashed=job.hashed)
+            return JobResult(embedding=vector, phash=phash)
         if job.kind is JobKind.ADD:
-            vector = await self._embed_image(runtime, job)
-            await self.writer.add(job.model, Row(job.url, vector, job.metadata))  # answered once searchable
+            vector, phash = await self._embed_image(runtime, job, hashed=True)
+            await self.writer.add(job.model, Row(job.url, vector, job.metadata, phash))  # answered once searchable
             return JobResult(written=1)
         if job.kind is JobKind.RESTORE:
             return JobResult(written=await self._restore(runtime, job.rows))
         raise errors.WorkerFailure(f"unknown job kind {job.kind}")
 
-    async def _embed_image(self, runtime: ModelRuntime, job: BusJob) -> np.ndarray:
+    async def _embed_image(self, runtime: ModelRuntime, job: BusJob, hashed: bool = False) -> tuple[np.ndarray, str]:
+        """The image's embedding and, with `hashed` (an image to store), its pHash from the same decode ("")."""
         assert self._fetcher is not None and self._decode_pool is not None
         runtime.preparing += 1
         try:
             data = job.image if job.image is not None else await self._fetcher.fetch(job.url)
             loop = asyncio.get_running_loop()
-            tensor = await loop.run_in_executor(self._decode_pool, preprocess, data, runtime.spec, self.limits)
+            ready = await loop.run_in_executor(self._decode_pool, prepare, data, runtime.spec, self.limits, hashed)
         finally:
             runtime.preparing -= 1
-        return await runtime.embed_image(tensor)
+        return await runtime.embed_image(ready.tensor), ready.phash
 
     async def _restore(self, runtime: ModelRuntime, rows: list[dict[str, Any]]) -> int:
         dim = runtime.spec.dim
@@ -129,5 +132,8 @@ class JobHandler:
                     f"embedding has {vec.size} values; model {runtime.spec.name} stores {dim}",
                     loc=("body", i, "embedding"),
                 )
-            parsed.append(Row(row["url"], vec, row.get("metadata")))
+            phash = row.get("phash") or ""
+            if phash and not valid(phash):
+                raise errors.FieldError("phash must be 16 lowercase hex digits", loc=("body", i, "phash"))
+            parsed.append(Row(row["url"], vec, row.get("metadata"), phash))
         return await self.writer.upsert(runtime.spec.name, parsed)

@@ -15,8 +15,9 @@ from service_client import EXIT_SERVICE, ScriptError, ServiceClient, add_service
 
 DESCRIPTION = """\
 Write every row of MODEL to OUT/page-00000.json, page-00001.json, … Each file is one JSON array of
-{"url", "embedding", "metadata"} objects in url order, exactly as POST /models/MODEL/dump answers it (the
-format of the original Idios dump); restore.py reads it back. With --base64 each embedding is one string
+{"url", "embedding", "metadata"} objects in url order (with "phash", the image's perceptual hash, where the
+service knows it), exactly as POST /models/MODEL/dump answers it (the format of the original Idios dump);
+restore.py reads it back. With --base64 each embedding is one string
 instead, the base64 of its little-endian float32 values (encoding_format "base64"): the same values in 44% of
 the bytes, fetched about 2.5x faster; restore.py and the service's restore read both forms.
 

@@ -22,7 +22,7 @@ a folder stands for its page-*.json files in page order. Rows of small files are
 Embeddings given as numbers are sent as base64 of their float32 values (encoding_format "base64": the same
 float32 values the service would store, in 44% of the bytes, parsed by the service 3-4x faster); rows whose
 embedding is not a list of numbers are sent as they are, for the service to say what is wrong. The service
-checks the embedding's dimension against the model and stores url, metadata and embedding.
+checks the embedding's dimension against the model and stores url, metadata, embedding and phash (if given).
 
 Restore is an upsert by url, so running it again (after a crash, or twice) is safe and stores nothing twice.
 The progress bar counts bytes of the files (it knows their total); the final JSON line on stdout counts rows.

@@ -518,7 +518,7 @@ async def test_a_collection_made_as_cosine_keeps_working(tmp_path: Path, models_
     """Earlier versions made COSINE collections; the service reads the stored metric and searches with it."""
     settings = make_settings(tmp_path, models_dir)
     client = MilvusClient(settings.milvus_target)
-    create_collection(client, "idios_thumb_grid", 192, "FLAT", metric="COSINE")
+    create_collection(client, "idios_thumb_grid", 192, "FLAT", metric="COSINE", phash=False)  # as they made it
     old = np.zeros(192, dtype=np.float32)
     old[:2] = (3.0, 4.0)  # a row stored as it came, not of unit length
     client.insert("idios_thumb_grid", [{"url": "http://old.test/a", "embedding": old, "metadata": {"v": 1}}])

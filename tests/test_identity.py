@@ -188,7 +188,7 @@ async def test_a_collection_made_before_identities_gets_a_record_on_first_start(
     settings.data_dir.mkdir(parents=True)
     client = MilvusClient(settings.milvus_target)  # as an older version left it: a collection, no record
     try:
-        create_collection(client, "idios_thumb_b", 192, "FLAT")
+        create_collection(client, "idios_thumb_b", 192, "FLAT", phash=False)
         row = np.zeros(192, dtype=np.float32)
         row[0] = 1.0
         client.insert("idios_thumb_b", [{"url": "http://old.test/a", "embedding": row, "metadata": {}}])

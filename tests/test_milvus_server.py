@@ -253,3 +253,64 @@ async def test_a_worker_with_other_weights_is_refused_by_the_identity_the_api_re
         finally:
             rc = stop_worker(worker)
         assert rc == 0
+
+
+async def test_a_duplicates_job_is_followed_and_cancelled_from_any_api_process_and_adopted_when_its_dies(
+    tmp_path: Path, models_dir: Path, milvus: MilvusStandalone, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Jobs live in Milvus (idios/jobs.py): one started through an API process is followed and cancelled through
+    another; one whose API process is killed (SIGKILL) mid-way is adopted by the other, which resumes it from its
+    checkpoint (STALE, 30 s, after its last heartbeat) and finishes it with every planted group."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, wait_for_ping
+    from tests.distributed import worker_env
+    from tests.test_duplicates import all_groups, clustered, finished, job_of, restore
+
+    caplog.set_level("INFO", logger="idios.jobs")
+    rows, expected = clustered(np.random.default_rng(5), 40_000, 192, 120)
+    async with distributed(tmp_path, models_dir, milvus, workers=1) as (svc, settings, _):
+        port = free_port()
+        log = tmp_path / "api-b.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "idios", "api"], cwd=ROOT, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**worker_env(settings), "IDIOS_PORT": str(port)})
+        other = f"http://127.0.0.1:{port}"
+        try:
+            await wait_for_ping(svc.http, other, timeout=120)
+            await restore(svc, "thumb_grid", rows)
+            # started through B, followed and cancelled through A; B's runner sees the cancel and stops
+            status, first = await call(svc.http, "POST", f"{other}/models/thumb_grid/duplicates",
+                                       json={"min_similarity": 95})
+            assert status == 202, first
+            status, listed = await call(svc.http, "GET", f"{svc.url}/jobs?model=thumb_grid")
+            assert status == 200 and listed[0]["job"] == first["job"] and listed[0]["state"] == "running"
+            status, cancelled = await call(svc.http, "DELETE", f"{svc.url}/jobs/{first['job']}")
+            assert status == 200 and cancelled["state"] == "cancelled", cancelled
+            async with asyncio.timeout(30):  # B's runner stops at its next checkpoint after its heartbeat sees it
+                while f"job {first['job']} cancelled after" not in log.read_text():
+                    await asyncio.sleep(0.2)
+            status, seen = await call(svc.http, "GET", f"{other}/jobs/{first['job']}")
+            assert status == 200 and seen["state"] == "cancelled" and seen["done"] < 40_000, seen
+            # a second one through B; B is killed part way; A adopts and finishes it
+            status, second = await call(svc.http, "POST", f"{other}/models/thumb_grid/duplicates",
+                                        json={"min_similarity": 95})
+            assert status == 202, second
+            async with asyncio.timeout(60):
+                while (seen := (await call(svc.http, "GET", f"{svc.url}/jobs/{second['job']}"))[1])["done"] == 0:
+                    await asyncio.sleep(0.1)
+            proc.send_signal(signal.SIGKILL)
+            assert seen["state"] == "running" and seen["done"] < 40_000, seen  # killed part way
+            await asyncio.to_thread(proc.wait, 10)
+            record = await finished(svc, second["job"], timeout=150)
+            assert (record["state"], record["done"], record["total"], record["groups"]) == (
+                "done", 40_000, 40_000, 120), record
+            groups = await all_groups(svc, second["job"], limit=1000)
+            assert sorted(map(sorted, (g["urls"] for g in groups))) == sorted(map(sorted, expected))
+            assert f"resuming job {second['job']}" in caplog.text  # A ran it, from B's checkpoint
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -278,6 +278,8 @@ async def test_dump_restore_round_trip_into_an_empty_service(
     rng = np.random.default_rng(11)
     rows = [{"url": f"http://restore.test/{uniq}/{i:03d}?q='\"", "metadata": {"i": i, "nested": {"s": f"é{i}"}},
              "embedding": unit(rng.standard_normal(192)).tolist()} for i in range(45)]
+    for i, row in enumerate(rows[::2]):  # half the rows with an image hash, which both scripts carry through
+        row["phash"] = f"{i:016x}"
     async with service.http.post(service.model("thumb_grid") + "/restore", json=rows) as r:
         assert r.status == 204
     first, second, third = tmp_path / "d1", tmp_path / "d2", tmp_path / "d3"
@@ -292,10 +294,12 @@ async def test_dump_restore_round_trip_into_an_empty_service(
     by_url = {row["url"]: row for row in dumped_rows(second)}
     for row in rows:
         got = by_url[row["url"]]
-        assert got["metadata"] == row["metadata"]
+        assert got["metadata"] == row["metadata"] and got.get("phash") == row.get("phash")
         assert np.array_equal(np.float32(got["embedding"]), np.float32(row["embedding"]))
-    # the dump format is the original's: one JSON list of {url, embedding, metadata} per file
-    assert set(json.loads((first / "page-00000.json").read_text())[0]) == {"url", "embedding", "metadata"}
+    # the dump format is the original's, one JSON list of {url, embedding, metadata} per file, plus a row's
+    # "phash" where it is known
+    for got in json.loads((first / "page-00000.json").read_text()):
+        assert set(got) - {"phash"} == {"url", "embedding", "metadata"}
     d3 = (await script("dump.py", third, *service_args(service), "--page-size", "4096")).summary
     assert d3["rows"] == await count(service) and d3["pages"] == -(-d3["rows"] // 4096)
     # --base64: embeddings as base64 of float32, the same values; restore.py sends such files as they are

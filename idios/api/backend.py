@@ -11,6 +11,7 @@ from idios.api.restore_body import RestoreParser
 from idios.bus import JobBus
 from idios.embed import TextRuntime
 from idios.engines import Tower
+from idios.jobs import JobRoom
 from idios.metrics import Metrics
 from idios.models import ModelSpec
 from idios.settings import Settings
@@ -27,6 +28,7 @@ class Backend:
     bus: JobBus
     metrics: Metrics
     texts: dict[str, TextRuntime]
+    jobs: JobRoom  # long jobs (duplicates): started, read and cancelled by any API process, run by one
     restore_bodies: RestoreParser = field(default_factory=RestoreParser)
     # the visual towers this process runs itself (embedded); empty in the distributed API, whose workers run them
     visual: dict[str, Tower] = field(default_factory=dict)

@@ -7,7 +7,7 @@ tests/test_openapi.py checks that every route the app registers is documented an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
@@ -15,11 +15,15 @@ from pydantic.json_schema import models_json_schema
 from idios import __version__
 from idios.api.schemas import (
     AddRequest,
+    BulkParams,
     CompareRequest,
     DumpRequest,
+    DuplicatesRequest,
+    GroupsRequest,
     PageRequest,
     RemoveRequest,
     RestoreItem,
+    SearchAddRequest,
     SearchRequest,
 )
 from idios.settings import Settings
@@ -83,10 +87,34 @@ class BulkFailure(BaseModel):
     type: str = Field(description="machine-readable cause, e.g. image_http_error, not_an_image, validation_error")
 
 
+class BulkDuplicate(BaseModel):
+    url: str = Field(description="the image refused (not added)")
+    of: str = Field(description="the stored image it is a near copy of, or the earlier one of the same request")
+    similarity: float = Field(ge=0, le=100, description="100 × cosine of the two")
+
+
 class BulkResult(BaseModel):
     added: list[str]
     found: list[str] = Field(description="urls that were already stored (left unchanged)")
     failed: list[BulkFailure]
+    duplicates: list[BulkDuplicate] = Field(
+        description="with min_similarity, the images refused as near copies, in request order; always present")
+
+
+class NearDuplicateBody(BaseModel):
+    """search_add with min_similarity: a stored image at least that similar."""
+
+    detail: str
+    type: str = Field(description="`near_duplicate`")
+    url: str = Field(description="the stored image, the most similar one")
+    similarity: float = Field(ge=0, le=100, description="100 × cosine of the two")
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # an absent key, not an empty hash: the document says what the answer holds
+
+
+DUMP_ROWS = "url, embedding, metadata and phash (when known), strictly after `cursor`."
 
 
 class DumpRow(BaseModel):
@@ -94,6 +122,43 @@ class DumpRow(BaseModel):
     embedding: list[float] | str = Field(
         description='numbers, or with encoding_format "base64" the little-endian float32 values as base64')
     metadata: dict[str, Any] | None
+    phash: str = Field(default="", pattern="^[0-9a-f]{16}$", json_schema_extra=_no_default, description=(
+        "the image's 64-bit perceptual hash (DCT pHash, as the imagehash library computes it) in 16 hex digits; "
+        "absent when not known (collections made before it was stored, rows restored without one)"))
+
+
+class Job(BaseModel):
+    """A long job (GET /jobs/{job}): a duplicates job, as it goes."""
+
+    job: str = Field(description="its id")
+    kind: str = Field(description="`duplicates`")
+    model: str
+    state: Literal["running", "done", "failed", "cancelled"]
+    done: int = Field(ge=0, description="rows examined so far")
+    total: int = Field(ge=0, description="rows in the collection (passing `filter`) when the job started")
+    groups: int = Field(ge=0, description="groups found; 0 until done")
+    min_similarity: float = Field(ge=0, le=100, description="the threshold used (the model's default if none given)")
+    filter: dict[str, Any] | None
+    started: str = Field(description="ISO 8601, UTC")
+    finished: str | None = Field(description="ISO 8601, UTC; null while running")
+    error: str | None = Field(default=None, description="why a failed job failed")
+
+
+class JobStarted(BaseModel):
+    job: str = Field(description="the new job's id: GET /jobs/{job} follows it")
+
+
+class DuplicateGroup(BaseModel):
+    urls: list[str] = Field(description="the group's images, in url order")
+    size: int = Field(ge=2)
+    similarity: float = Field(ge=0, le=100, description="the lowest similarity of two images of the group")
+    exact: bool | None = Field(default=None, description="every two images' perceptual hashes are within a few bits "
+                               "(copies, resizes, re-encodings); absent for collections made before hashes were stored")
+
+
+class GroupsPage(BaseModel):
+    groups: list[DuplicateGroup] = Field(description="largest groups first, then the most alike")
+    next: str | None = Field(description="the cursor of the next page; null on the last")
 
 
 class ValidationItem(BaseModel):
@@ -117,10 +182,12 @@ class ErrorBody(BaseModel):
 
 
 REQUESTS: list[type[BaseModel]] = [
-    AddRequest, SearchRequest, CompareRequest, RemoveRequest, PageRequest, DumpRequest, RestoreItem,
+    AddRequest, SearchAddRequest, SearchRequest, CompareRequest, RemoveRequest, PageRequest, DumpRequest, RestoreItem,
+    DuplicatesRequest,
 ]
 RESPONSES: list[type[BaseModel]] = [
-    ModelInfo, RefusedModel, Hit, BulkResult, DumpRow, ValidationErrorBody, ErrorBody,
+    ModelInfo, RefusedModel, Hit, BulkResult, NearDuplicateBody, DumpRow, ValidationErrorBody, ErrorBody,
+    Job, JobStarted, DuplicateGroup, GroupsPage,
 ]
 
 
@@ -217,10 +284,12 @@ def op(summary: str, description: str, responses: dict[str, Any], *, tag: str = 
 
 
 ADD_FORM = multipart(AddRequest, {"image": "the image itself; `url` is then only its id"}, ("metadata",))
+SEARCH_ADD_FORM = multipart(SearchAddRequest, {"image": "the image itself; `url` is then only its id"}, ("metadata",))
 SEARCH_FORM = multipart(SearchRequest, {"image": "the query image"}, ("filter",))
 COMPARE_FORM = multipart(CompareRequest, {"image": "first image (instead of `url`)",
                                           "other_image": "second image (instead of `other`)"})
 TEXT = {"text/html": {"schema": {"type": "string"}}}
+NEAR_LIMIT = "requests sent at the same time are compared with the stored images only, not with each other"
 
 
 def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -232,17 +301,26 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
             "Add or replace an image", "Upsert by url: fetch the image (or take the uploaded one), embed, store.",
             {**NO_CONTENT, **JOB_ERRORS}, request=body(AddRequest, ADD_FORM))},
         "/models/{model}/search_add": {"post": op(
-            "Add an image unless its url is stored", "As add, but a stored url answers 409 and is left unchanged.",
+            "Add an image unless its url is stored",
+            "As add, but a stored url answers 409 and is left unchanged; with `min_similarity`, so does an image at "
+            "least that similar to a stored one (" + NEAR_LIMIT + ").",
             {**NO_CONTENT, **JOB_ERRORS,
-             "409": error(ErrorBody, "`already_inserted`: detail \"Image already inserted\"; or `model_refused`")},
-            request=body(AddRequest, ADD_FORM))},
+             "409": json_answer({"anyOf": [ref(NearDuplicateBody), ref(ErrorBody)]},
+                                "`already_inserted`: detail \"Image already inserted\" (checked first); "
+                                "`near_duplicate`, with the stored `url` and its `similarity`; or `model_refused`")},
+            request=body(SearchAddRequest, SEARCH_ADD_FORM))},
         "/models/{model}/add_bulk": {"post": op(
-            "Add many images", f"At most {bulk} items; each one succeeds or fails on its own.",
+            "Add many images",
+            f"At most {bulk} items; each one succeeds or fails on its own. With `?min_similarity=`, an image at least "
+            "that similar to a stored one, or to an earlier image of the same request that is added, is not added "
+            "but listed in `duplicates` (" + NEAR_LIMIT + ").",
             {"200": json_answer(ref(BulkResult), "what happened to each url"), **JOB_ERRORS},
+            params=query_params(BulkParams),
             request=body({"type": "array", "maxItems": bulk, "items": ref(AddRequest)}))},
         "/models/{model}/restore": {"post": op(
             "Store rows with their embeddings",
-            f"As dumped (numbers or base64 embeddings, mixed as one likes); no image is fetched. At most {bulk} rows.",
+            f"As dumped (numbers or base64 embeddings, mixed as one likes; `phash` kept where the collection stores "
+            f"it); no image is fetched. At most {bulk} rows.",
             {**NO_CONTENT, **JOB_ERRORS}, request=body({"type": "array", "maxItems": bulk, "items": ref(RestoreItem)}),
             tag="rows")},
         "/models/{model}/search": {"post": op(
@@ -266,10 +344,10 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
                        request=body(PageRequest), tag="rows"),
         },
         "/models/{model}/dump": {
-            "get": op("Page through stored rows", "url, embedding and metadata, strictly after `cursor`.",
+            "get": op("Page through stored rows", DUMP_ROWS,
                       {"200": json_answer({"type": "array", "items": ref(DumpRow)}, "rows in url order"),
                        **MODEL_ERRORS, "422": BODY_ERRORS["422"]}, params=query_params(DumpRequest), tag="rows"),
-            "post": op("Page through stored rows", "url, embedding and metadata, strictly after `cursor`.",
+            "post": op("Page through stored rows", DUMP_ROWS,
                        {"200": json_answer({"type": "array", "items": ref(DumpRow)}, "rows in url order"),
                         **BODY_ERRORS}, request=body(DumpRequest), tag="rows"),
         },
@@ -279,6 +357,45 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
         "/models/{model}/remove": {"post": op(
             "Remove an image", "Removing a url that is not stored is not an error.",
             {**NO_CONTENT, **BODY_ERRORS}, request=body(RemoveRequest), tag="rows")},
+    }
+
+
+def job_paths() -> dict[str, dict[str, Any]]:
+    """Duplicates jobs: start one, follow it, page through its groups, cancel it (idios/jobs.py, idios/dedup.py)."""
+    job_param = {"name": "job", "in": "path", "required": True, "schema": {"type": "string"}, "description": "a job id"}
+    unknown = {"404": error(ErrorBody, "`job_not_found`: no such job")}
+    record = {"200": json_answer(ref(Job), "the job")}
+    return {
+        "/models/{model}/duplicates": {"post": op(
+            "Find the duplicates across a collection",
+            "Starts a job that groups the stored images at least `min_similarity` alike (default: the threshold "
+            "measured for the model), among the rows passing `filter`; exact copies are told by their perceptual "
+            "hashes. One runs per model at a time. It runs in an API process, survives a restart (it resumes from "
+            "its checkpoint) and is read from any API process.",
+            {"202": json_answer(ref(JobStarted), "started"), **BODY_ERRORS,
+             "409": error(ErrorBody, "`job_running`: a duplicates job runs for this model (`job` names it); or "
+                                     "`model_refused`")},
+            request={"required": False, "content": {"application/json": {"schema": ref(DuplicatesRequest)}}},
+            tag="jobs")},
+        "/jobs": {"get": op(
+            "The jobs", "Newest first, at most 50 (the 20 newest finished jobs of each model are kept).",
+            {"200": json_answer({"type": "array", "items": ref(Job)}, "jobs")},
+            params=[{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+                     "description": "only this model's jobs"}], model=False, tag="jobs")},
+        "/jobs/{job}": {
+            "get": op("A job", "State and progress.", {**record, **unknown}, params=[job_param], model=False,
+                      tag="jobs"),
+            "delete": op("Cancel a job", "It stops at its next checkpoint (within a page of rows); answered with "
+                         "its record as cancelled.",
+                         {**record, **unknown, "409": error(ErrorBody, "`job_finished`: the job is not running")},
+                         params=[job_param], model=False, tag="jobs"),
+        },
+        "/jobs/{job}/groups": {"get": op(
+            "A done duplicates job's groups", "Largest first; follow `next` as `cursor`.",
+            {"200": json_answer(ref(GroupsPage), "a page of groups"), **unknown,
+             "409": error(ErrorBody, "`job_not_done`: the job is running, failed or was cancelled"),
+             "422": BODY_ERRORS["422"]},
+            params=[job_param, *query_params(GroupsRequest)], model=False, tag="jobs")},
     }
 
 
@@ -370,10 +487,11 @@ def build(settings: Settings, models: list[str] | None = None) -> dict[str, Any]
         "tags": [
             {"name": "images", "description": "add, search and compare images"},
             {"name": "rows", "description": "list, count, dump, restore and remove stored rows"},
+            {"name": "jobs", "description": "long jobs over a whole collection: duplicates"},
             {"name": "service", "description": "health and models"},
             {"name": "pages", "description": "for people with a browser"},
         ],
-        "paths": {**service_paths(), **image_paths(settings)},
+        "paths": {**service_paths(), **image_paths(settings), **job_paths()},
         "components": {"schemas": component_schemas()},
     }
     if models:

@@ -12,15 +12,18 @@ import orjson
 from aiohttp import web
 
 from idios import errors
+from idios.api import near_copies
 from idios.api.backend import BACKEND, REQUEST_ID, Backend
 from idios.api.body import read_body, read_json_bytes
 from idios.api.restore_body import Refused
 from idios.api.schemas import (
     AddRequest,
+    BulkParams,
     CompareRequest,
     DumpRequest,
     PageRequest,
     RemoveRequest,
+    SearchAddRequest,
     SearchRequest,
     item_error,
     parse,
@@ -137,20 +140,58 @@ async def search_add(request: web.Request) -> web.Response:
 
 
 async def _add(request: web.Request, unless_stored: bool) -> web.Response:
-    """add, or search_add: the same, except that a url already stored is a 409 and stays as it is."""
+    """add, or search_add: the same, except that a url already stored is a 409 and stays as it is, and so
+    (with min_similarity) is a near copy of a stored image."""
     spec = model_of(request)
     body = await read_body(request, allow_files=True)
-    req = parse(AddRequest, body.data)
+    req = parse(SearchAddRequest if unless_stored else AddRequest, body.data)
     if unless_stored and await backend(request).store.existing(spec.name, [req.url]):
         raise errors.AlreadyInserted()
-    job = BusJob(JobKind.ADD, spec.name, req.url, req.metadata, body.files.get("image"), request_id=request_id(request))
+    image = body.files.get("image")
+    if isinstance(req, SearchAddRequest) and req.min_similarity is not None:
+        await _add_unless_near(request, spec, req, req.min_similarity, image)
+        return no_content()
+    job = BusJob(JobKind.ADD, spec.name, req.url, req.metadata, image, request_id=request_id(request))
     await run_job(request, job)
     return no_content()
+
+
+async def _add_unless_near(request: web.Request, spec: ModelSpec, req: AddRequest, min_similarity: float,
+                           image: bytes | None) -> None:
+    """Embed, judge against the stored images, and write only if no near copy is stored (idios/api/near_copies.py)."""
+    result = await run_job(request, BusJob(JobKind.EMBED, spec.name, req.url, image=image,
+                                           request_id=request_id(request), hashed=True))
+    row = row_of(req, result)
+    verdict = await near_copies.judge(backend(request).store, spec.name, [req.url], row.embedding[None, :],
+                                      min_similarity)
+    if verdict.stored:  # added by another request in the meantime
+        raise errors.AlreadyInserted()
+    if verdict.duplicates:
+        copy = verdict.duplicates[0]
+        raise errors.NearDuplicate(f"A near copy of this image is stored: {copy['of']}", url=copy["of"],
+                                   similarity=copy["similarity"])
+    await write_rows(request, spec.name, [row])
+
+
+def row_of(item: AddRequest, result: JobResult) -> Row:
+    """The row an EMBED job's result makes (its job `hashed`), written by the API itself."""
+    if result.embedding is None:
+        raise errors.WorkerFailure("the worker answered without an embedding")
+    return Row(item.url, result.embedding, item.metadata, result.phash)
+
+
+async def write_rows(request: web.Request, model: str, rows: list[Row]) -> None:
+    """Rows the API writes itself, holding their urls as every write it sends does (run_job); answered once
+    searchable (Writer.upsert)."""
+    writer = backend(request).writer
+    async with writer.sending(model, [r.url for r in rows]):
+        await writer.upsert(model, rows)
 
 
 @routes.post("/models/{model}/add_bulk")
 async def add_bulk(request: web.Request) -> web.Response:
     spec = model_of(request)
+    params = parse(BulkParams, dict(request.query), ("query",))
     items = (await read_body(request)).data
     limit = backend(request).settings.max_bulk_items
     if not isinstance(items, list) or len(items) > limit:
@@ -168,17 +209,46 @@ async def add_bulk(request: web.Request) -> web.Response:
             valid[item.url] = item
     found = await backend(request).store.existing(spec.name, list(valid))
     todo = [item for url, item in valid.items() if url not in found]
+    duplicates: list[dict[str, Any]] = []
+    if params.min_similarity is None:
+        added = [item.url for item, _ in await _each(request, spec, todo, JobKind.ADD, failed)]
+    else:
+        added, duplicates, stored = await _add_bulk_unless_near(request, spec, todo, params.min_similarity, failed)
+        found.update(stored)
+    return json_response({"added": added, "found": [u for u in valid if u in found], "failed": failed,
+                          "duplicates": duplicates})
+
+
+async def _add_bulk_unless_near(request: web.Request, spec: ModelSpec, items: list[AddRequest], min_similarity: float,
+                                failed: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+    """Embed every item, judge them together (idios/api/near_copies.py), write the accepted ones: the urls added,
+    the duplicates, and the urls found stored in the meantime."""
+    rows = [row_of(item, result) for item, result in await _each(request, spec, items, JobKind.EMBED, failed)]
+    vectors = np.stack([r.embedding for r in rows]) if rows else np.empty((0, spec.dim), np.float32)
+    verdict = await near_copies.judge(backend(request).store, spec.name, [r.url for r in rows], vectors,
+                                      min_similarity)
+    accepted = [rows[i] for i in verdict.accepted]
+    if accepted:
+        await write_rows(request, spec.name, accepted)
+    return [r.url for r in accepted], verdict.duplicates, [rows[i].url for i in verdict.stored]
+
+
+async def _each(request: web.Request, spec: ModelSpec, items: list[AddRequest], kind: JobKind,
+                failed: list[dict[str, Any]]) -> list[tuple[AddRequest, JobResult]]:
+    """One job of `kind` (ADD or EMBED) per item, all sent at once; an item whose job fails goes to `failed`."""
     rid = request_id(request)
-    jobs = [run_job(request, BusJob(JobKind.ADD, spec.name, it.url, it.metadata, request_id=rid)) for it in todo]
-    added = []
-    for item, outcome in zip(todo, await asyncio.gather(*jobs, return_exceptions=True), strict=True):
+    add = kind is JobKind.ADD  # EMBED: the API writes the rows itself, so their hashes come back too
+    jobs = [run_job(request, BusJob(kind, spec.name, it.url, it.metadata if add else None, request_id=rid,
+                                    hashed=not add)) for it in items]
+    done = []
+    for item, outcome in zip(items, await asyncio.gather(*jobs, return_exceptions=True), strict=True):
         if isinstance(outcome, errors.IdiosError):
             failed.append({"url": item.url, "error": outcome.message, "type": outcome.type})
         elif isinstance(outcome, BaseException):
             raise outcome
         else:
-            added.append(item.url)
-    return json_response({"added": added, "found": [u for u in valid if u in found], "failed": failed})
+            done.append((item, outcome))
+    return done
 
 
 @routes.post("/models/{model}/restore")
@@ -192,7 +262,8 @@ async def restore(request: web.Request) -> web.Response:
         return json_response(refused.body, status=refused.status)
     # Restored rows need no model, so the API writes them itself, holding their urls as every write it sends
     # does (run_job). Sent through RabbitMQ to a worker instead, 100k rows went at 3.8k rows/s on the server.
-    rows = [Row(url, vec, meta) for url, meta, vec in zip(parsed.urls, parsed.metadata, parsed.matrix, strict=True)]
+    rows = [Row(url, vec, meta, phash)  # a phash is dropped where the collection has no such field (older ones)
+            for url, meta, vec, phash in zip(parsed.urls, parsed.metadata, parsed.matrix, parsed.phash, strict=True)]
     async with be.writer.sending(spec.name, parsed.urls):
         await be.writer.upsert(spec.name, rows)
     return no_content()

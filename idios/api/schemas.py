@@ -12,6 +12,7 @@ from yarl import URL
 
 from idios import errors
 from idios.limits import METADATA_MAX, PAGE_MAX, URL_MAX
+from idios.phash import valid as valid_phash
 
 
 
@@ -58,6 +59,22 @@ class AddRequest(Body):
     metadata: Metadata = None
 
 
+REFUSE_FROM = ("refuse an image at least this similar (100 × cosine) to a stored one: search_add answers 409 "
+               "`near_duplicate`, add_bulk lists it in `duplicates`; absent, nothing is compared")
+
+
+class SearchAddRequest(AddRequest):
+    """search_add: add, unless the url is stored or (with min_similarity) a near copy of the image is."""
+
+    min_similarity: float | None = Field(default=None, ge=0, le=100, description=REFUSE_FROM)
+
+
+class BulkParams(Body):
+    """add_bulk's query string: `?min_similarity=` refuses near copies, of stored images and within the batch."""
+
+    min_similarity: float | None = Field(default=None, ge=0, le=100, description=REFUSE_FROM)
+
+
 class SearchRequest(Body):
     url: ImageUrl | None = None
     text: str | None = Field(default=None, min_length=1, max_length=10_000)
@@ -93,11 +110,26 @@ class DumpRequest(PageRequest):
     encoding_format: EncodingFormat = "float"
 
 
+def check_phash(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not valid_phash(value.lower()):
+        raise PydanticCustomError("phash_invalid", "phash must be 16 hex digits, as dump gives it")
+    return value.lower()
+
+
+# A row's perceptual hash as dump gives it (idios/phash.py); absent or null: unknown
+PHash = Annotated[str | None, AfterValidator(check_phash),
+                  Field(description="the image's 64-bit pHash as dump gives it (16 hex digits)",
+                        json_schema_extra={"pattern": "^[0-9a-fA-F]{16}$"})]
+
+
 class RestoreItem(Body):
     url: ImageUrl
     metadata: Metadata = None
     embedding: list[float] | str = Field(
         min_length=1, description="the vector's numbers, or its little-endian float32 values as one base64 string")
+    phash: PHash = None
 
 
 class EmbeddingNumbers(Body):
@@ -112,6 +144,7 @@ class RestoreRow(Body):
     url: ImageUrl
     metadata: Metadata = None
     embedding: Any
+    phash: PHash = None
 
 
 B = TypeVar("B", bound=BaseModel)
@@ -152,3 +185,17 @@ def item_error(model: type[B], data: Any) -> tuple[B | None, str | None]:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return None, f"{where}: {first['msg']}" if where else first["msg"]
+
+
+class DuplicatesRequest(Body):
+    """POST /models/{model}/duplicates: without min_similarity, the model's measured default (idios/dedup.py)."""
+
+    min_similarity: float | None = Field(default=None, ge=0, le=100)
+    filter: dict[str, Any] | None = None
+
+
+class GroupsRequest(Body):
+    """GET /jobs/{id}/groups: `cursor` is the `next` of the page before."""
+
+    cursor: str | None = Field(default=None, pattern=r"^[0-9]{1,9}$")
+    limit: int = Field(default=50, ge=1, le=1000)
