@@ -35,7 +35,8 @@ function setBusy(delta) {
 }
 
 // fetch() a route of the API: JSON in (or a FormData), JSON out; an ApiError for any non-2xx answer.
-async function api(path, { json, form, method } = {}) {
+// `quiet`: no busy indicator (a running job is polled about once a second: the spinner would flicker).
+async function api(path, { json, form, method, quiet } = {}) {
   const init = { method: method || (json !== undefined || form ? "POST" : "GET"), headers: {} };
   if (json !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -43,7 +44,7 @@ async function api(path, { json, form, method } = {}) {
   } else if (form) {
     init.body = form;
   }
-  setBusy(1);
+  if (!quiet) setBusy(1);
   try {
     let resp;
     try {
@@ -56,7 +57,7 @@ async function api(path, { json, form, method } = {}) {
     if (!resp.ok) throw new ApiError(resp.status, body, describe(resp.status, body));
     return body;
   } finally {
-    setBusy(-1);
+    if (!quiet) setBusy(-1);
   }
 }
 
@@ -117,6 +118,7 @@ function onModelChange() {
   $("query").hidden = true;
   show("search-status", "");
   refreshCount().catch((err) => show("page-status", err.message, "error"));
+  document.dispatchEvent(new CustomEvent("modelchange", { detail: model() }));  // duplicates.js follows it
 }
 
 async function loadModels() {
