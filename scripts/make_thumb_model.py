@@ -115,6 +115,9 @@ def tokenizer_json(vocab: dict[str, int]) -> str:
     return tok.to_str()
 
 
+DUPLICATES = {"min_similarity": 80, "measured": "2026-12-02", "precision": 0.991, "recall": 0.879}
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -134,6 +137,9 @@ def build(out: Path, name: str = "thumb_grid", text: bool = False, dim: int = DI
         "visual": {"file": "visual.onnx"},
         "precision": "fp32",
         "random_weights": False,
+        # measured by scripts/duplicate_quality.py on real photos (README "Duplicates"); the padding of a wider
+        # copy changes no cosine
+        "duplicates": dict(DUPLICATES),
     }
     if text:
         vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(COLOURS)}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from idios.decode import DecodeLimits, preprocess  # noqa: E402
 from idios.engines import EnginePlan, Tower, TowerWeights, detect_machine, open_tower  # noqa: E402
-from idios.models import load_manifest  # noqa: E402
+from idios.models import ModelSpec, load_manifest  # noqa: E402
 
 # Photographs bundled with scikit-image (no download); "camera", "moon" etc. are grey.
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "coins", "page", "clock", "horse",
@@ -30,10 +31,15 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "coins",
 TILE = 0.6  # each photo also yields its four corner tiles: look-alike neighbours that make the task harder
 
 
-def _jpeg(im: Image.Image, quality: int) -> bytes:
+def encode(im: Image.Image, fmt: str, **options: object) -> bytes:
+    """The image as a file of format `fmt` (Pillow's name: JPEG, PNG, WEBP), RGB."""
     buf = io.BytesIO()
-    im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    im.convert("RGB").save(buf, format=fmt, **options)
     return buf.getvalue()
+
+
+def _jpeg(im: Image.Image, quality: int) -> bytes:
+    return encode(im, "JPEG", quality=quality)
 
 
 def _crop(im: Image.Image) -> Image.Image:
@@ -62,25 +68,38 @@ def photos() -> dict[str, Image.Image]:
             arr = np.asarray(getattr(data, name)())
         except Exception:  # a photo that would need a download
             continue
-        if arr.dtype != np.uint8:
-            arr = (255 * (arr.astype(np.float64) / max(float(arr.max()), 1e-9))).astype(np.uint8)
-        im = Image.fromarray(arr).convert("RGB")
-        if min(im.size) >= 250:
-            # at least 512 px a side, so that halved tiles stay above the service's 150 px minimum
-            scale = max(1.0, 512 / min(im.size))
-            out[name] = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+        im = as_photo(arr)
+        if im is not None:
+            out[name] = im
     return out
 
 
+def as_photo(arr: np.ndarray) -> Image.Image | None:
+    """A photo array (any dtype, grey or RGB) as RGB of at least 512 px a side; None when under 250 px."""
+    if arr.dtype != np.uint8:
+        arr = (255 * (arr.astype(np.float64) / max(float(arr.max()), 1e-9))).astype(np.uint8)
+    im = Image.fromarray(arr).convert("RGB")
+    if min(im.size) < 250:
+        return None
+    # at least 512 px a side, so that halved tiles stay above the service's 150 px minimum
+    scale = max(1.0, 512 / min(im.size))
+    return im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+
+
+def corner_tiles(name: str, im: Image.Image) -> dict[str, Image.Image]:
+    """The photo's four corner tiles (60% of each side), named `NAME/nw` etc."""
+    w, h = im.size
+    tw, th = int(w * TILE), int(h * TILE)
+    return {f"{name}/{corner}": im.crop((x, y, x + tw, y + th))
+            for corner, (x, y) in {"nw": (0, 0), "ne": (w - tw, 0), "sw": (0, h - th), "se": (w - tw, h - th)}.items()}
+
+
 def images() -> dict[str, Image.Image]:
-    """Every photo and its four corner tiles (60% of each side), as distinct images."""
+    """Every photo and its four corner tiles, as distinct images."""
     out = {}
     for name, im in photos().items():
         out[name] = im
-        w, h = im.size
-        tw, th = int(w * TILE), int(h * TILE)
-        for corner, (x, y) in {"nw": (0, 0), "ne": (w - tw, 0), "sw": (0, h - th), "se": (w - tw, h - th)}.items():
-            out[f"{name}/{corner}"] = im.crop((x, y, x + tw, y + th))
+        out.update(corner_tiles(name, im))
     return out
 
 
@@ -90,6 +109,19 @@ def open_on(path: Path, runs: str) -> Tower:
     engine, _, precision = runs.partition(":")
     chosen = EnginePlan(engine, precision or "fp32", f"--engines={runs}")
     return open_tower(TowerWeights(path), chosen, detect_machine("cpu"), 2)
+
+
+def embed_all(tower: Tower, spec: ModelSpec, blobs: list[bytes], batch: int = 16, threads: int = 2) -> np.ndarray:
+    """Unit embeddings [N, dim] of image files, decoded and preprocessed as the service does (in a thread pool, as
+    there), run in batches."""
+    rows = []
+    with ThreadPoolExecutor(threads) as pool:
+        for i in range(0, len(blobs), batch):
+            inputs = list(pool.map(lambda b: preprocess(b, spec, DecodeLimits()), blobs[i:i + batch]))
+            rows.append(tower.run(np.stack(inputs)))
+    out: np.ndarray = np.concatenate(rows).astype(np.float64)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
 
 
 def recall_table(model_dirs: list[Path], engines: tuple[str, ...] = ("onnxruntime:fp32",)
