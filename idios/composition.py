@@ -3,6 +3,7 @@ worker's is idios/workerproc.py, which imports nothing of the API.)"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -21,10 +22,11 @@ from idios.worker import JobHandler
 from idios.writer import Writer
 
 
-def job_room(store: CollectionStore) -> JobRoom:
+def job_room(settings: Settings, store: CollectionStore) -> JobRoom:
     """The long jobs this process runs (and adopts from processes that stopped): duplicates, for the models it
     serves. They only read Milvus, so they run in the API process of either deployment."""
-    return JobRoom(store, store.served(), {KIND: find_duplicates})
+    duplicates = functools.partial(find_duplicates, memory_bytes=settings.dedup_memory_mb << 20)
+    return JobRoom(store, store.served(), {KIND: duplicates})
 
 
 @asynccontextmanager
@@ -45,7 +47,7 @@ async def embedded_backend(settings: Settings, metrics: Metrics) -> AsyncIterato
         else:
             bus = LocalBus(handler, settings.max_in_flight, settings.job_timeout)
         visual = {name: runtime.visual for name, runtime in handler.runtimes.items()}
-        jobs = await stack.enter_async_context(job_room(store))
+        jobs = await stack.enter_async_context(job_room(settings, store))
         backend = Backend(settings, specs, store, writer, bus, metrics, texts, jobs, visual=visual)
         stack.push_async_callback(backend.restore_bodies.aclose)
         yield backend
@@ -61,7 +63,7 @@ async def distributed_backend(settings: Settings, metrics: Metrics) -> AsyncIter
         specs = store.served()
         texts = await load_text_runtimes(specs, settings, stack, metrics)
         bus = await stack.enter_async_context(AmqpBus(settings))
-        jobs = await stack.enter_async_context(job_room(store))
+        jobs = await stack.enter_async_context(job_room(settings, store))
         backend = Backend(settings, specs, store, Writer(settings, store), bus, metrics, texts, jobs)
         stack.push_async_callback(backend.restore_bodies.aclose)
         yield backend

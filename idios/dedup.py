@@ -1,11 +1,12 @@
 """Duplicates across a whole collection: the groups of images at least `min_similarity` alike, exact copies told.
 
-Comparing every pair fails past ~10^5 images; the vector index answers it instead. The rows are streamed in url
-order, PAGE at a time with their vectors; every QUERIES of them are one range search (many queries per Milvus
-call) for the stored rows at least `min_similarity` alike (at most NEIGHBOURS each); each pair found joins two
-components of a union-find. Memory holds the union-find over the images that have a duplicate, not the
+Comparing every pair in Python fails past ~10^5 images; the vector index answers it instead. The rows are streamed
+in url order, PAGE at a time with their vectors; every QUERIES of them are one range search (many queries per
+Milvus call) for the stored rows at least `min_similarity` alike (at most NEIGHBOURS each); each pair found joins
+two components of a union-find. Memory holds the union-find over the images that have a duplicate, not the
 collection. The pairs of each page are written to the job's rows before its cursor moves on (the checkpoint a
-resumed job starts from: idios/jobs.py).
+resumed job starts from: idios/jobs.py). On Milvus Lite, whose range search runs its queries one after another,
+a collection that fits IDIOS_DEDUP_MEMORY_MB is compared in memory instead (Scan.in_memory).
 
 After the last page, each component of at least two images is a group: its members' vectors (and perceptual
 hashes) are read back, `similarity` is the lowest similarity of any two members (a chain of near pairs can join
@@ -16,6 +17,7 @@ within phash.EXACT_BITS (copies, resizes, re-encodings); a collection made befor
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +34,8 @@ KIND = "duplicates"
 PAGE = 1000  # rows read per page, with their vectors
 QUERIES = 64  # vectors per range search call
 NEIGHBOURS = 64  # duplicates found per image at most (more join through the others)
+IN_MEMORY_BLOCK = 1024  # rows compared with all the later ones at a time (Milvus Lite: Scan.in_memory)
+IN_MEMORY_COLUMNS = 16384  # of those later ones at a time: a 1024 x 16384 float32 block is 64 MB
 DESCRIBE_ROWS = 2000  # members read back at a time when groups are described
 BLOCK = 2048  # members compared at a time (a k x k similarity block)
 # For a model whose manifest records no measured threshold (duplicates.min_similarity, measured by
@@ -62,14 +66,16 @@ class Components:
             url = parent[url]
         return url
 
-    def union(self, a: str, b: str) -> None:
+    def union(self, a: str, b: str) -> bool:
+        """Join the sets of `a` and `b`; whether they were two."""
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
-            return
+            return False
         if self._size[ra] < self._size[rb]:
             ra, rb = rb, ra
         self._parent[rb] = ra
         self._size[ra] += self._size[rb]
+        return True
 
     def groups(self) -> list[list[str]]:
         members: dict[str, list[str]] = {}
@@ -93,7 +99,7 @@ def by_bytes(items: list[Any], limit: int = ROW_BYTES) -> Iterator[list[Any]]:
         yield run
 
 
-async def find_duplicates(room: JobRoom, spec: ModelSpec, run: Running) -> None:
+async def find_duplicates(room: JobRoom, spec: ModelSpec, run: Running, memory_bytes: int = 1 << 30) -> None:
     """The body of a duplicates job (idios/jobs.py runs it, and resumes it from its checkpoint)."""
     rec, store = run.record, room.store
     min_similarity = float(rec.params["min_similarity"])
@@ -104,25 +110,11 @@ async def find_duplicates(room: JobRoom, spec: ModelSpec, run: Running) -> None:
     for row in await room.rows(rec.job, "e", "", "~"):  # what an earlier run of this job found
         for a, b in row["data"]["pairs"]:
             links.union(a, b)
-    cursor = rec.cursor
-    while page := await store.page(spec.name, cursor, PAGE, with_data=True, where=where):
-        pairs: set[tuple[str, str]] = set()
-        for start in range(0, len(page), QUERIES):
-            batch = page[start : start + QUERIES]
-            found = await store.neighbours(spec.name, np.stack([r["embedding"] for r in batch]),
-                                           min_similarity / 100, NEIGHBOURS, where)
-            for row, hits in zip(batch, found, strict=True):
-                url = row["url"]
-                pairs.update((min(url, other), max(url, other)) for other, cosine in hits
-                             if other != url and similarity(cosine) >= min_similarity)
-        for a, b in pairs:
-            links.union(a, b)
-        if pairs:  # keyed by the rows examined before the page: a resumed job writes the same keys again
-            parts = by_bytes([list(p) for p in sorted(pairs)])
-            await room.put_rows(rec.job, "e", [(f"{rec.done:012d}/{i:04d}", {"pairs": part})
-                                               for i, part in enumerate(parts)])
-        cursor = page[-1]["url"]
-        await room.checkpoint(run, cursor=cursor, done=rec.done + len(page))
+    scan = Scan(room, spec.name, run, links, where, min_similarity)
+    if store.is_milvus_lite and rec.total * spec.dim * 4 <= memory_bytes:
+        await scan.in_memory()
+    else:
+        await scan.by_range_search()
     groups = await describe(store, spec.name, links.groups())
     groups.sort(key=lambda g: (-g["size"], -g["similarity"], g["urls"][0]))
     rows = []
@@ -131,6 +123,86 @@ async def find_duplicates(room: JobRoom, spec: ModelSpec, run: Running) -> None:
             rows.append((f"{rank:09d}/{part:04d}", {**group, "urls": urls}))
     await room.put_rows(rec.job, "g", rows)
     await room.checkpoint(run, groups=len(groups))
+
+
+class Scan:
+    """The pairs at least `min_similarity` alike among the rows passing `where`, found into `links` in url
+    order, checkpointed as it goes. Only pairs that join two sets are written (a spanning forest: fewer pairs
+    than rows, whatever the collection holds), keyed by the rows examined before them, so a resumed job that
+    goes over rows again writes the same keys again."""
+
+    def __init__(self, room: JobRoom, model: str, run: Running, links: Components, where: str,
+                 min_similarity: float) -> None:
+        self.room, self.model, self.run, self.links = room, model, run, links
+        self.where, self.min_similarity = where, min_similarity
+
+    async def _found(self, pairs: list[tuple[str, str]], done: int, cursor: str) -> None:
+        joining = sorted({(min(a, b), max(a, b)) for a, b in pairs if self.links.union(a, b)})
+        if joining:
+            rec = self.run.record
+            parts = by_bytes([list(p) for p in joining])
+            await self.room.put_rows(rec.job, "e", [(f"{rec.done:012d}/{i:04d}", {"pairs": part})
+                                                    for i, part in enumerate(parts)])
+        await self.room.checkpoint(self.run, cursor=cursor, done=done)
+
+    async def by_range_search(self) -> None:
+        """A page of rows at a time, QUERIES of them per range search: what a server's index answers fast."""
+        store, rec = self.room.store, self.run.record
+        cursor = rec.cursor
+        while page := await store.page(self.model, cursor, PAGE, with_data=True, where=self.where):
+            pairs: list[tuple[str, str]] = []
+            for start in range(0, len(page), QUERIES):
+                batch = page[start : start + QUERIES]
+                found = await store.neighbours(self.model, np.stack([r["embedding"] for r in batch]),
+                                               self.min_similarity / 100, NEIGHBOURS, self.where)
+                for row, hits in zip(batch, found, strict=True):
+                    pairs += [(row["url"], other) for other, cosine in hits
+                              if other != row["url"] and similarity(cosine) >= self.min_similarity]
+            cursor = page[-1]["url"]
+            await self._found(pairs, rec.done + len(page), cursor)
+
+    async def in_memory(self) -> None:
+        """Milvus Lite's range search runs one query after another (100k x 512: 86 rows/s, 19 min for the
+        collection); it is this process's own file, so its vectors are read once into memory (4 bytes x dim per
+        row, bounded by IDIOS_DEDUP_MEMORY_MB) and compared here, IN_MEMORY_BLOCK rows against all the later
+        ones at a time, in a thread (numpy's matrix product runs without the GIL)."""
+        store, rec = self.room.store, self.run.record
+        urls: list[str] = []
+        parts: list[np.ndarray] = []
+        cursor: str | None = None
+        while page := await store.page(self.model, cursor, PAGE, with_data=True, where=self.where):
+            urls += [r["url"] for r in page]
+            parts.append(np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in page]))
+            cursor = page[-1]["url"]
+        if not urls:
+            return
+        matrix = np.concatenate(parts)
+        del parts
+        at = {u: i for i, u in enumerate(urls)}
+        start = at[rec.cursor] + 1 if rec.cursor in at else min(rec.done, len(urls))
+        start -= start % IN_MEMORY_BLOCK  # resumed: go over the block the checkpoint fell in again
+        for first in range(start, len(urls), IN_MEMORY_BLOCK):
+            last = min(first + IN_MEMORY_BLOCK, len(urls))
+            found = await asyncio.to_thread(pairs_from, matrix, first, last, self.min_similarity / 100)
+            await self._found([(urls[a], urls[b]) for a, b in found], last, urls[last - 1])
+
+
+def pairs_from(matrix: np.ndarray, first: int, last: int, min_cosine: float) -> list[tuple[int, int]]:
+    """The pairs (a, b), first <= a < last, a < b, whose rows' inner product is at least `min_cosine`; at most
+    NEIGHBOURS per row a (the first found), as a range search caps them: enough to join the sets."""
+    block = matrix[first:last]
+    found: list[tuple[int, int]] = []
+    per_row: dict[int, int] = {}
+    for col in range(first, len(matrix), IN_MEMORY_COLUMNS):
+        scores = block @ matrix[col : col + IN_MEMORY_COLUMNS].T
+        if col == first:  # the block against itself: each pair once, not a row with itself
+            scores[np.tril_indices(len(block), 0, scores.shape[1])] = -np.inf
+        rows, cols = np.nonzero(scores >= min_cosine - 1e-6)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            if per_row.get(r, 0) < NEIGHBOURS:
+                per_row[r] = per_row.get(r, 0) + 1
+                found.append((first + r, col + c))
+    return found
 
 
 async def describe(store: CollectionStore, model: str, groups: list[list[str]]) -> list[dict[str, Any]]:

@@ -48,6 +48,9 @@ class Settings:
     milvus_retry: float = field(default=60.0, metadata={
         "help": "seconds a write keeps trying while the Milvus server is unreachable or recovering"})
     search_ef: int = field(default=128, metadata={"help": "HNSW search breadth (ef): higher = better recall, slower"})
+    dedup_memory_mb: int = field(default=1024, metadata={
+        "help": "on Milvus Lite, a duplicates job holds the vectors of collections up to this size in memory and "
+                "compares them there (much faster than Lite's range search); larger ones are range-searched"})
     index_type: str = field(
         default="", metadata={"help": "vector index: FLAT/IVF_FLAT on Milvus Lite, HNSW on a server (empty = auto)"}
     )

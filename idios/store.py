@@ -256,6 +256,10 @@ class CollectionStore:
         return None
 
     @property
+    def is_milvus_lite(self) -> bool:
+        return self._settings.is_milvus_lite
+
+    @property
     def retry_seconds(self) -> float:
         """How long a write is tried again while the server is unavailable (IDIOS_MILVUS_RETRY)."""
         return self._settings.milvus_retry
