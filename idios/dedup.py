@@ -110,7 +110,7 @@ async def find_duplicates(room: JobRoom, spec: ModelSpec, run: Running, memory_b
     for row in await room.rows(rec.job, "e", "", "~"):  # what an earlier run of this job found
         for a, b in row["data"]["pairs"]:
             links.union(a, b)
-    scan = Scan(room, spec.name, run, links, where, min_similarity)
+    scan = Scan(room, spec, run, links, where, min_similarity)
     if store.is_milvus_lite and rec.total * spec.dim * 4 <= memory_bytes:
         await scan.in_memory()
     else:
@@ -131,9 +131,9 @@ class Scan:
     than rows, whatever the collection holds), keyed by the rows examined before them, so a resumed job that
     goes over rows again writes the same keys again."""
 
-    def __init__(self, room: JobRoom, model: str, run: Running, links: Components, where: str,
+    def __init__(self, room: JobRoom, spec: ModelSpec, run: Running, links: Components, where: str,
                  min_similarity: float) -> None:
-        self.room, self.model, self.run, self.links = room, model, run, links
+        self.room, self.model, self.dim, self.run, self.links = room, spec.name, spec.dim, run, links
         self.where, self.min_similarity = where, min_similarity
 
     async def _found(self, pairs: list[tuple[str, str]], done: int, cursor: str) -> None:
@@ -168,16 +168,18 @@ class Scan:
         ones at a time, in a thread (numpy's matrix product runs without the GIL)."""
         store, rec = self.room.store, self.run.record
         urls: list[str] = []
-        parts: list[np.ndarray] = []
+        matrix = np.empty((max(rec.total, 1), self.dim), dtype=np.float32)  # filled in place: no second copy
         cursor: str | None = None
         while page := await store.page(self.model, cursor, PAGE, with_data=True, where=self.where):
+            if len(urls) + len(page) > len(matrix):  # rows added since the count
+                matrix = np.concatenate([matrix, np.empty((len(matrix) // 4 + len(page), self.dim), np.float32)])
+            for i, row in enumerate(page, len(urls)):
+                matrix[i] = row["embedding"]
             urls += [r["url"] for r in page]
-            parts.append(np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in page]))
             cursor = page[-1]["url"]
         if not urls:
             return
-        matrix = np.concatenate(parts)
-        del parts
+        matrix = matrix[: len(urls)]
         at = {u: i for i, u in enumerate(urls)}
         start = at[rec.cursor] + 1 if rec.cursor in at else min(rec.done, len(urls))
         start -= start % IN_MEMORY_BLOCK  # resumed: go over the block the checkpoint fell in again

@@ -78,3 +78,18 @@ async def test_quick_benchmark_reports_every_figure(models_dir: Path, tmp_path: 
     assert positive_numbers(fig) == []
     assert "ingest embedded / its engine's ceiling" in proc.stdout and "peak RSS amqp worker" in proc.stdout
     assert "restore / bare Milvus Lite" in proc.stdout and "/ bare onnxruntime fp32" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_duplicates_benchmark_finds_every_planted_group(tmp_path: Path) -> None:
+    """scripts/bench_duplicates.py on Milvus Lite, small: the job runs over HTTP and every planted group comes
+    back as planted (the figures at 100k rows are in the README)."""
+    out = tmp_path / "dup.json"
+    proc = subprocess.run([sys.executable, "scripts/bench_duplicates.py", "--rows", "3000", "--skip", "server",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fig = orjson.loads(out.read_bytes())["lite"]
+    assert fig["quality"]["exact_groups"] == fig["quality"]["found_groups"] > 0, fig["quality"]
+    assert fig["quality"]["pair_recall"] == fig["quality"]["pair_precision"] == 1.0
+    assert fig["job"]["rows"] == 3000 and fig["job"]["wall_s"] > 0
+    assert "job wall s" in proc.stdout
