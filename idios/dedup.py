@@ -18,6 +18,7 @@ within phash.EXACT_BITS (copies, resizes, re-encodings); a collection made befor
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from idios import phash
 from idios.filters import metadata_filter
 from idios.jobs import ROW_BYTES, JobRoom, Running
 from idios.models import ModelSpec
-from idios.store import CollectionStore, similarity
+from idios.store import similarity
 
 KIND = "duplicates"
 PAGE = 1000  # rows read per page, with their vectors
@@ -41,6 +42,12 @@ BLOCK = 2048  # members compared at a time (a k x k similarity block)
 # For a model whose manifest records no measured threshold (duplicates.min_similarity, measured by
 # scripts/duplicate_quality.py): CLIP-like models pulled from a hub, whose real weights are not here to measure.
 FALLBACK_SIMILARITY = 95.0
+
+
+def min_cosine_of(min_similarity: float) -> float:
+    """The least cosine of a pair at least `min_similarity` alike: similarity clamps negative cosines to 0, so at
+    0 every pair counts."""
+    return min_similarity / 100 if min_similarity > 0 else -2.0
 
 
 def default_similarity(spec: ModelSpec) -> float:
@@ -115,12 +122,13 @@ async def find_duplicates(room: JobRoom, spec: ModelSpec, run: Running, memory_b
         await scan.in_memory()
     else:
         await scan.by_range_search()
-    groups = await describe(store, spec.name, links.groups())
+    groups = await describe(room, run, spec.name, links.groups())
     groups.sort(key=lambda g: (-g["size"], -g["similarity"], g["urls"][0]))
     rows = []
     for rank, group in enumerate(groups):
         for part, urls in enumerate(by_bytes(group["urls"])):
             rows.append((f"{rank:09d}/{part:04d}", {**group, "urls": urls}))
+    await room.clear_rows(rec.job, "g")  # an earlier run's groups may have had more parts
     await room.put_rows(rec.job, "g", rows)
     await room.checkpoint(run, groups=len(groups))
 
@@ -154,7 +162,7 @@ class Scan:
             for start in range(0, len(page), QUERIES):
                 batch = page[start : start + QUERIES]
                 found = await store.neighbours(self.model, np.stack([r["embedding"] for r in batch]),
-                                               self.min_similarity / 100, NEIGHBOURS, self.where)
+                                               min_cosine_of(self.min_similarity), NEIGHBOURS, self.where)
                 for row, hits in zip(batch, found, strict=True):
                     pairs += [(row["url"], other) for other, cosine in hits
                               if other != row["url"] and similarity(cosine) >= self.min_similarity]
@@ -177,39 +185,47 @@ class Scan:
                 matrix[i] = row["embedding"]
             urls += [r["url"] for r in page]
             cursor = page[-1]["url"]
+            await self.room.checkpoint(self.run)  # a cancel is seen while the vectors load, too
         if not urls:
             return
         matrix = matrix[: len(urls)]
-        at = {u: i for i, u in enumerate(urls)}
-        start = at[rec.cursor] + 1 if rec.cursor in at else min(rec.done, len(urls))
-        start -= start % IN_MEMORY_BLOCK  # resumed: go over the block the checkpoint fell in again
+        # resumed: after the last row examined (urls are in order; that row may have been removed since)
+        start = bisect.bisect_right(urls, rec.cursor) if rec.cursor is not None else 0
+        taken = np.zeros(len(urls), dtype=np.int32)  # pairs kept per row, both ends counted (pairs_from)
         for first in range(start, len(urls), IN_MEMORY_BLOCK):
             last = min(first + IN_MEMORY_BLOCK, len(urls))
-            found = await asyncio.to_thread(pairs_from, matrix, first, last, self.min_similarity / 100)
+            found = await asyncio.to_thread(pairs_from, matrix, first, last, min_cosine_of(self.min_similarity),
+                                            taken)
             await self._found([(urls[a], urls[b]) for a, b in found], last, urls[last - 1])
 
 
-def pairs_from(matrix: np.ndarray, first: int, last: int, min_cosine: float) -> list[tuple[int, int]]:
-    """The pairs (a, b), first <= a < last, a < b, whose rows' inner product is at least `min_cosine`; at most
-    NEIGHBOURS per row a (the first found), as a range search caps them: enough to join the sets."""
+def pairs_from(matrix: np.ndarray, first: int, last: int, min_cosine: float,
+               taken: np.ndarray) -> list[tuple[int, int]]:
+    """The pairs (a, b), first <= a < last, a < b, whose rows' inner product is at least `min_cosine`. A pair is
+    kept while either of its rows has fewer than NEIGHBOURS kept (`taken` counts them, over the whole scan): as
+    with the range search, where each row asks for its own NEIGHBOURS, an image with hundreds of near copies
+    bounds the pairs kept but still joins every one of them."""
     block = matrix[first:last]
+    here = np.arange(first, last)[:, None]
     found: list[tuple[int, int]] = []
-    per_row: dict[int, int] = {}
     for col in range(first, len(matrix), IN_MEMORY_COLUMNS):
         scores = block @ matrix[col : col + IN_MEMORY_COLUMNS].T
-        if col == first:  # the block against itself: each pair once, not a row with itself
-            scores[np.tril_indices(len(block), 0, scores.shape[1])] = -np.inf
+        if col < last:  # columns that are rows of the block: each pair once, never a row with itself
+            scores[np.arange(col, col + scores.shape[1])[None, :] <= here] = -np.inf
         rows, cols = np.nonzero(scores >= min_cosine - 1e-6)
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            if per_row.get(r, 0) < NEIGHBOURS:
-                per_row[r] = per_row.get(r, 0) + 1
-                found.append((first + r, col + c))
+        for r, c in zip((rows + first).tolist(), (cols + col).tolist(), strict=True):
+            if taken[r] < NEIGHBOURS or taken[c] < NEIGHBOURS:
+                taken[r] += 1
+                taken[c] += 1
+                found.append((r, c))
     return found
 
 
-async def describe(store: CollectionStore, model: str, groups: list[list[str]]) -> list[dict[str, Any]]:
-    """Each group with its size, the lowest similarity of two members and (where hashes are stored) `exact`.
-    Members removed since they were found are left out; a group left with one member is dropped."""
+async def describe(room: JobRoom, run: Running, model: str, groups: list[list[str]]) -> list[dict[str, Any]]:
+    """Each group with its size, the lowest similarity of two members and (where hashes are stored) `exact`,
+    computed in a thread (a group of 10^4 similar images takes seconds). Members removed since they were found
+    are left out; a group left with one member is dropped."""
+    store = room.store
     hashes = store.has_phash(model)
     fields = ["embedding", "phash"] if hashes else ["embedding"]
     described: list[dict[str, Any]] = []
@@ -222,28 +238,36 @@ async def describe(store: CollectionStore, model: str, groups: list[list[str]]) 
             count += len(groups[start])
             start += 1
         rows = await store.rows_of(model, [u for g in batch for u in g], fields)
-        for group in batch:
-            members = [u for u in group if u in rows]
-            if len(members) < 2:
-                continue
-            vectors = np.stack([np.asarray(rows[u]["embedding"], dtype=np.float32) for u in members])
-            entry: dict[str, Any] = {"urls": members, "size": len(members),
-                                     "similarity": round(similarity(lowest_cosine(vectors)), 4)}
-            if hashes:
-                entry["exact"] = all_within([str(rows[u].get("phash") or "") for u in members], phash.EXACT_BITS)
-            described.append(entry)
+        described += await asyncio.to_thread(_describe_batch, batch, rows, hashes)
+        await room.checkpoint(run)  # a cancel is seen here too
+    return described
+
+
+def _describe_batch(batch: list[list[str]], rows: dict[str, dict[str, Any]], hashes: bool) -> list[dict[str, Any]]:
+    described = []
+    for group in batch:
+        members = [u for u in group if u in rows]
+        if len(members) < 2:
+            continue
+        vectors = np.stack([np.asarray(rows[u]["embedding"], dtype=np.float32) for u in members])
+        entry: dict[str, Any] = {"urls": members, "size": len(members),
+                                 "similarity": round(similarity(lowest_cosine(vectors)), 4)}
+        if hashes:
+            entry["exact"] = all_within([str(rows[u].get("phash") or "") for u in members], phash.EXACT_BITS)
+        described.append(entry)
     return described
 
 
 def lowest_cosine(vectors: np.ndarray) -> float:
-    """The least inner product of two different rows, BLOCK rows at a time (a 10^4-member group fits)."""
+    """The least inner product of two different rows, in BLOCK x BLOCK tiles (memory stays 16 MB)."""
     lowest = 1.0
     n = len(vectors)
     for i in range(0, n, BLOCK):
-        block = vectors[i : i + BLOCK] @ vectors.T
-        for r in range(len(block)):
-            block[r, i + r] = np.inf  # a row with itself
-        lowest = min(lowest, float(block.min()))
+        for j in range(i, n, BLOCK):
+            tile = vectors[i : i + BLOCK] @ vectors[j : j + BLOCK].T
+            if i == j:
+                np.fill_diagonal(tile, np.inf)  # a row with itself
+            lowest = min(lowest, float(tile.min()))
     return lowest
 
 
@@ -253,6 +277,7 @@ def all_within(hashes: list[str], bits: int) -> bool:
         return False
     values = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
     for i in range(0, len(values), BLOCK):
-        if int(np.bitwise_count(values[i : i + BLOCK, None] ^ values[None, :]).max()) > bits:
-            return False
+        for j in range(i, len(values), BLOCK):
+            if int(np.bitwise_count(values[i : i + BLOCK, None] ^ values[None, j : j + BLOCK]).max()) > bits:
+                return False
     return True

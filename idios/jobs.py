@@ -36,7 +36,7 @@ from pymilvus import AsyncMilvusClient, DataType
 from idios import errors
 from idios.filters import string_literal
 from idios.models import ModelSpec
-from idios.store import CollectionStore, unavailable
+from idios.store import CollectionStore
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ ADOPT_EVERY = 10.0  # seconds between looks for jobs to adopt
 CLAIM_WAIT = 1.0  # seconds between writing a claim and reading it back
 KEEP = 20  # finished jobs kept per model (older ones, with their rows, are deleted when a job starts)
 LISTED = 50  # jobs in GET /jobs
+ROWS_PER_READ = 1000  # a job's rows read at a time (each up to ROW_BYTES)
 ROW_BYTES = 32_000  # JSON per row at most (Milvus keeps a JSON value under 64 KiB)
 STRONG = {"consistency_level": "Strong"}
 ID_RE = re.compile(r"^[0-9a-f]{20}$")
@@ -140,6 +141,7 @@ class JobRoom:
         self._running: dict[str, Running] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._version = 0  # of the records this process writes (_write)
+        self._lost: set[asyncio.Task[None]] = set()  # tasks of jobs adopted elsewhere, stopping (_lose)
 
     @property
     def client(self) -> AsyncMilvusClient:
@@ -161,7 +163,7 @@ class JobRoom:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        tasks = [r.task for r in self._running.values() if r.task is not None]
+        tasks = [r.task for r in self._running.values() if r.task is not None] + list(self._lost)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -195,23 +197,32 @@ class JobRoom:
     async def get(self, job: str) -> JobRecord:
         if not ID_RE.match(job):
             raise errors.JobNotFound(f"no job {job!r}")
-        rows = await self.client.query(JOBS, filter=f"job like {string_literal(job + '/%')}",
-                                       output_fields=["job", "record"], limit=16384, **STRONG)
-        found = {r["job"]: r.get("record") for r in rows}
+        stored, marker = await self._stored(job)
         run = self._running.get(job)
-        record = replace(run.record) if run is not None else latest(rows).get(job)
+        record = replace(run.record) if run is not None else stored
         if record is None:
             raise errors.JobNotFound(f"no job {job!r}")
-        if record.state == RUNNING and job + "/cancel" in found:  # cancelled; its runner has not seen it yet
-            marker = found[job + "/cancel"] or {}
+        if record.state == RUNNING and marker is not None:  # cancelled; its runner has not seen it yet
             record = replace(record, state=CANCELLED, finished=marker.get("at"))
         return record
+
+    async def _stored(self, job: str) -> tuple[JobRecord | None, dict[str, Any] | None]:
+        """The newest stored record of `job` and its cancel marker, as stored (Strong)."""
+        rows = await self._query(JOBS, f"job like {string_literal(job + '/%')}", ["job", "record"])
+        marker = next((r.get("record") or {} for r in rows if r["job"] == job + "/cancel"), None)
+        return latest(rows).get(job), marker
+
+    async def _query(self, collection: str, expr: str, fields: list[str], limit: int = 16384) -> list[dict[str, Any]]:
+        """A Strong read of the jobs' collections; an unreachable server is a 503 `store_unavailable` at once, as
+        every read is (CollectionStore.read)."""
+        return list(await self._store.read(self.client.query(collection, filter=expr, output_fields=fields,
+                                                             limit=limit, **STRONG)))
 
     async def records(self, model: str | None = None) -> list[JobRecord]:
         """Jobs, newest first (of `model`, or of every model)."""
         # one query: cancel markers name their model too
         expr = f'record["model"] == {string_literal(model)}' if model else 'job >= ""'
-        rows = await self.client.query(JOBS, filter=expr, output_fields=["job", "record"], limit=16384, **STRONG)
+        rows = await self._query(JOBS, expr, ["job", "record"])
         records = list(latest(rows).values())
         records.sort(key=lambda r: r.job, reverse=True)
         marked = {str(r["job"]).removesuffix("/cancel") for r in rows if str(r["job"]).endswith("/cancel")}
@@ -231,10 +242,20 @@ class JobRoom:
 
     async def rows(self, job: str, part: str, start: str, end: str) -> list[dict[str, Any]]:
         """A job's rows of one `part` ("e" pairs, "g" groups) with keys in [start, end), in key order."""
-        lo, hi = string_literal(f"{job}/{part}/{start}"), string_literal(f"{job}/{part}/{end}")
-        rows = await self.client.query(JOB_ROWS, filter=f"key >= {lo} and key < {hi}", output_fields=["key", "data"],
-                                       limit=16384, **STRONG)
-        return sorted(rows, key=lambda r: str(r["key"]))
+        found: list[dict[str, Any]] = []
+        lo, hi = f"key >= {string_literal(f'{job}/{part}/{start}')}", string_literal(f"{job}/{part}/{end}")
+        while True:  # pages of ROWS_PER_READ in key order (a limited query comes back in primary-key order)
+            page = sorted(await self._query(JOB_ROWS, f"{lo} and key < {hi}", ["key", "data"], ROWS_PER_READ),
+                          key=lambda r: str(r["key"]))
+            found += page
+            if len(page) < ROWS_PER_READ:
+                return found
+            lo = f"key > {string_literal(str(page[-1]['key']))}"
+
+    async def clear_rows(self, job: str, part: str) -> None:
+        """Delete a job's rows of one `part` (its groups, before they are written again)."""
+        await self._retrying(functools.partial(self.client.delete, JOB_ROWS,
+                                               filter=f"key like {string_literal(f'{job}/{part}/%')}"))
 
     # --- for job bodies --------------------------------------------------------------------------------------
 
@@ -277,6 +298,8 @@ class JobRoom:
             log.exception("job %s failed", rec.job)
         try:
             await self._write(rec, run)
+        except Exception as exc:  # stored as running still: adopted and run again after STALE
+            log.error("job %s: its outcome could not be written: %s", rec.job, errors.brief(exc))
         finally:
             self._running.pop(rec.job, None)
 
@@ -306,8 +329,12 @@ class JobRoom:
             await asyncio.sleep(HEARTBEAT)
             for run in list(self._running.values()):
                 try:
-                    if await self._cancel_marks([run.record.job]):
+                    stored, marker = await self._stored(run.record.job)
+                    if marker is not None:
                         run.cancelled = True
+                    if stored is not None and stored.owner != self._owner:
+                        self._lose(run, stored.owner)
+                        continue
                     await self._write(run.record, run)
                 except Exception as exc:
                     log.warning("heartbeat of job %s failed: %s", run.record.job, errors.brief(exc))
@@ -317,6 +344,16 @@ class JobRoom:
                     await self._adopt()
                 except Exception as exc:
                     log.warning("looking for jobs to adopt failed: %s", errors.brief(exc))
+
+    def _lose(self, run: Running, owner: str) -> None:
+        """Another process adopted this job (this one stalled past STALE): stop it here, writing nothing more, so
+        that one process writes its pairs and groups."""
+        log.warning("job %s was adopted by another process (%s); stopping it here", run.record.job, owner)
+        self._running.pop(run.record.job, None)
+        if run.task is not None:
+            run.task.cancel()
+            self._lost.add(run.task)
+            run.task.add_done_callback(self._lost.discard)
 
     async def _adopt(self) -> None:
         """Run the running jobs of models this process serves whose process is gone, from their checkpoint."""
@@ -350,32 +387,18 @@ class JobRoom:
             older = f"job >= {string_literal(record.job + '/0')} and job < {string_literal(key)}"
             await self._retrying(functools.partial(self.client.delete, JOBS, filter=older))
 
-    async def _cancel_marks(self, jobs: list[str]) -> set[str]:
-        if not jobs:
-            return set()
-        names = ", ".join(string_literal(j + "/cancel") for j in jobs)
-        rows = await self.client.query(JOBS, filter=f"job in [{names}]", output_fields=["job"], **STRONG)
-        return {str(r["job"]).removesuffix("/cancel") for r in rows}
-
     async def _forget_old(self, model: str) -> None:
         """Delete the finished jobs of `model` beyond the KEEP newest, with their rows."""
         finished = [r.job for r in await self.records(model) if r.state != RUNNING]
         for job in finished[KEEP:]:
-            await self.client.delete(JOB_ROWS, filter=f"key like {string_literal(job + '/%')}")
-            await self.client.delete(JOBS, filter=f"job like {string_literal(job + '/%')}")
+            await self._retrying(functools.partial(self.client.delete, JOB_ROWS,
+                                                   filter=f"key like {string_literal(job + '/%')}"))
+            await self._retrying(functools.partial(self.client.delete, JOBS,
+                                                   filter=f"job like {string_literal(job + '/%')}"))
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """A job's write, tried again while the server is unavailable, as every write is (CollectionStore)."""
-        loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + self._store.retry_seconds, 0.25
-        while True:
-            try:
-                return await call()
-            except Exception as exc:
-                if not unavailable(exc) or loop.time() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
+        """A job's write, tried again while the server is unavailable, as every write is (CollectionStore.write)."""
+        return await self._store.write(call)
 
     async def _ensure(self, name: str, key: str) -> None:
         """A jobs collection: `key` VARCHAR primary key, JSON, and the 2-d vector Milvus requires of every

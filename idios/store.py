@@ -273,6 +273,14 @@ class CollectionStore:
     def _collection(self, model: str) -> str:
         return self._specs[model].collection
 
+    async def read(self, call: Awaitable[T]) -> T:
+        """A read of another module's (idios/jobs.py), under the same rule as this one's (_read)."""
+        return await self._read(call)
+
+    async def write(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A write of another module's (idios/jobs.py), tried again as this one's are (_write)."""
+        return await self._write(call)
+
     async def _read(self, call: Awaitable[T]) -> T:
         """A read; an unreachable or recovering server is a 503 `store_unavailable` at once, not a hang."""
         try:

@@ -191,3 +191,37 @@ async def test_a_job_resumes_from_its_checkpoint_after_a_restart(tmp_path: Path,
             map(frozenset, expected), key=sorted)
         assert all(g["size"] == 3 and g["similarity"] > 99 for g in groups)
         assert all("exact" in g and g["exact"] is False for g in groups)  # restored rows carry no hash
+
+
+def test_the_in_memory_scan_finds_every_pair_across_blocks_and_joins_a_hub_of_many_copies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """dedup.pairs_from, the comparison Milvus Lite's jobs run: against brute force with blocks and column
+    chunks of awkward sizes; and an image with 100 near copies that are not near each other (more than
+    NEIGHBOURS) still joins all of them, as the range search does."""
+    from idios import dedup
+
+    rng = np.random.default_rng(9)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors[1::3] = vectors[0::3] + 0.2 * rng.standard_normal((100, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = vectors @ vectors.T
+    truth = {(a, b) for a in range(300) for b in range(a + 1, 300) if scores[a, b] >= 0.9 - 1e-6}
+    for block, columns in ((7, 5), (64, 100), (1024, 16384)):
+        monkeypatch.setattr(dedup, "IN_MEMORY_COLUMNS", columns)
+        taken = np.zeros(300, dtype=np.int32)
+        found = [p for first in range(0, 300, block) for p in dedup.pairs_from(vectors, first, min(first + block, 300),
+                                                                               0.9, taken)]
+        assert len(found) == len(set(found)) and set(found) == truth, (block, columns)
+    hub = rng.standard_normal(64).astype(np.float32)
+    hub /= np.linalg.norm(hub)
+    spread = rng.standard_normal((100, 64)).astype(np.float32)
+    spread -= np.outer(spread @ hub, hub)  # orthogonal to the hub: copies alike to it, not to each other
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    copies = 0.98 * hub + np.sqrt(1 - 0.98**2) * spread  # cosine 0.98 to the hub, ~0.96 among themselves
+    matrix = np.vstack([hub, copies]).astype(np.float32)
+    links = dedup.Components()
+    taken = np.zeros(len(matrix), dtype=np.int32)
+    for first in range(0, len(matrix), 16):
+        for a, b in dedup.pairs_from(matrix, first, min(first + 16, len(matrix)), 0.97, taken):
+            links.union(str(a), str(b))
+    assert [len(g) for g in links.groups()] == [101]
