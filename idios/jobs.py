@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from pymilvus import AsyncMilvusClient, DataType
+from pymilvus import AsyncMilvusClient
 
 from idios import errors
 from idios.filters import string_literal
 from idios.models import ModelSpec
+from idios.schema import ensure_keyed_collection
 from idios.store import CollectionStore
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,8 @@ class JobRoom:
         return self._store
 
     async def __aenter__(self) -> JobRoom:
-        await self._ensure(JOBS, "job")
-        await self._ensure(JOB_ROWS, "key")
+        await ensure_keyed_collection(self.client, JOBS, "job", "record", KEY_MAX)
+        await ensure_keyed_collection(self.client, JOB_ROWS, "key", "data", KEY_MAX)
         await self._adopt()
         self._supervisor = asyncio.create_task(self._supervise())
         return self
@@ -399,29 +400,3 @@ class JobRoom:
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """A job's write, tried again while the server is unavailable, as every write is (CollectionStore.write)."""
         return await self._store.write(call)
-
-    async def _ensure(self, name: str, key: str) -> None:
-        """A jobs collection: `key` VARCHAR primary key, JSON, and the 2-d vector Milvus requires of every
-        collection (always [1, 0]; FLAT). Made on first use, race-safe like every collection."""
-        client = self.client
-        if not await client.has_collection(name):
-            schema = AsyncMilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field(key, DataType.VARCHAR, is_primary=True, max_length=KEY_MAX)
-            schema.add_field("record" if name == JOBS else "data", DataType.JSON)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
-            index = AsyncMilvusClient.prepare_index_params()
-            index.add_index("vector", index_type="FLAT", metric_type="L2", params={})
-            try:
-                await client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
-                log.info("created collection %s", name)
-            except Exception:
-                if not await client.has_collection(name):  # another process may have won the race
-                    raise
-        for attempt in range(50):  # a racing creator makes the index a moment after the collection
-            try:
-                await client.load_collection(name)
-                return
-            except Exception as exc:
-                if "index not found" not in str(exc).lower() or attempt == 49:
-                    raise
-                await asyncio.sleep(0.2)

@@ -3,9 +3,11 @@ pHash), and their vector index. (The model identities' collection is idios/ident
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
-from pymilvus import DataType, MilvusClient
+from pymilvus import AsyncMilvusClient, DataType, MilvusClient
 
 from idios.limits import URL_MAX
 from idios.phash import HEX_CHARS
@@ -50,3 +52,31 @@ def embedding_index(client: MilvusClient, kind: str, metric: str = METRIC) -> An
     index = client.prepare_index_params()
     index.add_index("embedding", **index_args(kind, metric))
     return index
+
+
+async def ensure_keyed_collection(client: AsyncMilvusClient, name: str, key: str, json_field: str,
+                                  key_max: int) -> None:
+    """A collection of JSON values by key (`key` VARCHAR primary key, `json_field` JSON, and the 2-d vector
+    Milvus requires of every collection: always [1, 0], FLAT), made on first use and loaded; race-safe like
+    every collection (another process may create it, and index it a moment later, at the same time)."""
+    if not await client.has_collection(name):
+        schema = AsyncMilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(key, DataType.VARCHAR, is_primary=True, max_length=key_max)
+        schema.add_field(json_field, DataType.JSON)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+        index = AsyncMilvusClient.prepare_index_params()
+        index.add_index("vector", index_type="FLAT", metric_type="L2", params={})
+        try:
+            await client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+            logging.getLogger(__name__).info("created collection %s", name)
+        except Exception:
+            if not await client.has_collection(name):  # another process may have won the race
+                raise
+    for attempt in range(50):  # a racing creator makes the index a moment after the collection
+        try:
+            await client.load_collection(name)
+            return
+        except Exception as exc:
+            if "index not found" not in str(exc).lower() or attempt == 49:
+                raise
+            await asyncio.sleep(0.2)
