@@ -41,8 +41,14 @@ def pytest_configure(config: pytest.Config) -> None:
 def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusStandalone]:
     """The real Milvus server (2.3.5 standalone) the distributed tests share, started once per run and always
     stopped; each deployment keeps its collections in a database of its own (tests.distributed)."""
-    with MilvusStandalone(tmp_path_factory.mktemp("milvus-server")) as server:
+    server = MilvusStandalone(tmp_path_factory.mktemp("milvus-server"))
+    server.start()
+    try:
         yield server
+    finally:
+        # SIGKILL, not SIGTERM: its data is a temporary folder with nothing to keep, and with SIGTERM the last
+        # test's teardown waited out stop()'s 30 s every time (30.0-30.5 s measured; 0.02 s now)
+        server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -91,8 +91,6 @@ def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)  # an absent key, not an empty hash: the document says what the answer holds
 
 
-
-
 class DumpRow(BaseModel):
     url: str
     embedding: list[float] | str = Field(

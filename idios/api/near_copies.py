@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from idios.dedup import QUERIES  # vectors per range search call
 from idios.store import CollectionStore, similarity
 
-QUERIES = 64  # vectors per range search call (as idios/dedup.py)
 BLOCK = 1024  # images of one request compared with each other at a time (a BLOCK x BLOCK similarity block)
 INLINE = 64  # fewer images than this are compared on the event loop; more in a thread
 

@@ -15,7 +15,6 @@ from idios.limits import METADATA_MAX, PAGE_MAX, URL_MAX
 from idios.phash import valid as valid_phash
 
 
-
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
