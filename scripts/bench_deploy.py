@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -254,3 +255,21 @@ async def distributed(models: Path, tmp: Path, milvus_uri: str, workers: int = 1
             for proc in procs.values():
                 stop(proc)
             await delete_queues(prefix)
+
+
+def figure_table(fig: dict[str, Any], kinds: list[str], name_width: int,
+                 cell_width: int) -> tuple[list[str], Callable[[str, Callable[[Any], Any]], None]]:
+    """A printed table of figures, a column per deployment in `kinds`: its lines (the header so far) and
+    `row(name, get)`, which adds the line of `get(fig[kind])` for each kind ("-" where a figure is missing)."""
+    lines = [f"{'':{name_width}}" + "".join(f"{k:>{cell_width}}" for k in kinds)]
+
+    def row(name: str, get: Callable[[Any], Any]) -> None:
+        cells = []
+        for k in kinds:
+            try:
+                cells.append(f"{get(fig[k]):>{cell_width}}")
+            except (KeyError, TypeError):
+                cells.append(f"{'-':>{cell_width}}")
+        lines.append(f"{name:{name_width}}" + "".join(cells))
+
+    return lines, row

@@ -303,17 +303,7 @@ async def server_phase(args: argparse.Namespace, models: Path, tmp: Path, vecs: 
 # ---- the report ----------------------------------------------------------------------------------------------------
 
 def table(fig: Figures) -> str:
-    kinds = [k for k in ("lite", "server") if k in fig]
-    lines = [f"{'':40}" + "".join(f"{k:>24}" for k in kinds)]
-
-    def row(name: str, get: Any) -> None:
-        cells = []
-        for k in kinds:
-            try:
-                cells.append(f"{get(fig[k]):>24}")
-            except (KeyError, TypeError):
-                cells.append(f"{'-':>24}")
-        lines.append(f"{name:40}" + "".join(cells))
+    lines, row = deploy.figure_table(fig, [k for k in ("lite", "server") if k in fig], 40, 24)
 
     row("rows", lambda f: f"{f['rows']:,}")
     row("restore rows/s (API, base64)", lambda f: f"{f['restore']['rows_per_s']:,.0f}")

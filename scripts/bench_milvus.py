@@ -295,17 +295,7 @@ async def lite_phases(args: argparse.Namespace, models: Path, tmp: Path, vecs: n
 
 
 def table(fig: Figures) -> str:
-    lines = [f"{'':34}" + "".join(f"{k:>22}" for k in ("server", "lite") if k in fig)]
-
-    def row(name: str, get: Any) -> None:
-        cells = []
-        for k in ("server", "lite"):
-            if k in fig:
-                try:
-                    cells.append(f"{get(fig[k]):>22}")
-                except (KeyError, TypeError):
-                    cells.append(f"{'-':>22}")
-        lines.append(f"{name:34}" + "".join(cells))
+    lines, row = deploy.figure_table(fig, [k for k in ("server", "lite") if k in fig], 34, 22)
 
     row("rows", lambda f: f"{f['rows']:,}")
     row("restore rows/s (API), base64", lambda f: f"{f['restore']['rows_per_s']:,.0f}")

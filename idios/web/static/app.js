@@ -167,23 +167,30 @@ function showQuery(label, src) {
   box.hidden = false;
 }
 
-function hitCard(hit, rank) {
-  const li = document.createElement("li");
-  li.className = "hit";
-  const link = document.createElement(isWeb(hit.url) ? "a" : "div");
+// A thumbnail of a stored image linking to it (its url, loaded by the browser); a plain box for a url that is
+// only an id. Also used by duplicates.js.
+function thumbLink(url, alt) {
+  const link = document.createElement(isWeb(url) ? "a" : "div");
   link.className = "thumb";
-  if (isWeb(hit.url)) {
-    link.href = hit.url;
+  if (isWeb(url)) {
+    link.href = url;
     link.target = "_blank";
     link.rel = "noopener noreferrer";
     const img = document.createElement("img");
-    img.src = hit.url;
-    img.alt = `result ${rank}`;
+    img.src = url;
+    img.alt = alt;
     img.loading = "lazy";
     img.referrerPolicy = "no-referrer";
     img.addEventListener("error", () => link.classList.add("broken"));
     link.append(img);
   }
+  return link;
+}
+
+function hitCard(hit, rank) {
+  const li = document.createElement("li");
+  li.className = "hit";
+  const link = thumbLink(hit.url, `result ${rank}`);
   const sim = document.createElement("p");
   sim.className = "similarity";
   sim.textContent = `#${rank} · ${hit.similarity.toFixed(1)}`;

@@ -80,22 +80,8 @@ function shortName(url) {
 
 function groupThumb(url, n) {
   const li = document.createElement("li");
-  const web = isWeb(url);
-  const link = document.createElement(web ? "a" : "div");
-  link.className = "thumb";
+  const link = thumbLink(url, `copy ${n}`);  // app.js
   link.title = url;
-  if (web) {
-    link.href = url;
-    link.target = "_blank";
-    link.rel = "noopener noreferrer";
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = `copy ${n}`;
-    img.loading = "lazy";
-    img.referrerPolicy = "no-referrer";
-    img.addEventListener("error", () => link.classList.add("broken"));
-    link.append(img);
-  }
   const caption = document.createElement("p");
   caption.className = "url";
   caption.textContent = shortName(url);
