@@ -195,6 +195,7 @@ async function startDuplicates(e) {
   if (!name) return;
   const start = $("dup-start");
   start.disabled = true;
+  dup.gen += 1;  // what a background read (the model's latest job) brings back now would overwrite this answer
   show("dup-status", "");
   let id;
   let note = "";
