@@ -112,6 +112,14 @@ def latest(rows: list[dict[str, Any]]) -> dict[str, JobRecord]:
     return {job: record for job, (_, record) in newest.items()}
 
 
+def marked(record: JobRecord, marker: dict[str, Any] | None) -> JobRecord:
+    """A running job with a cancel marker reads as cancelled (since the marker's time), before its runner has
+    seen the marker and written so."""
+    if record.state == RUNNING and marker is not None:
+        return replace(record, state=CANCELLED, finished=marker.get("at"))
+    return record
+
+
 class JobCancelled(Exception):
     """Raised inside a job that was cancelled (DELETE /jobs/ID), at its next checkpoint."""
 
@@ -203,9 +211,7 @@ class JobRoom:
         record = replace(run.record) if run is not None else stored
         if record is None:
             raise errors.JobNotFound(f"no job {job!r}")
-        if record.state == RUNNING and marker is not None:  # cancelled; its runner has not seen it yet
-            record = replace(record, state=CANCELLED, finished=marker.get("at"))
-        return record
+        return marked(record, marker)
 
     async def _stored(self, job: str) -> tuple[JobRecord | None, dict[str, Any] | None]:
         """The newest stored record of `job` and its cancel marker, as stored (Strong)."""
@@ -224,17 +230,17 @@ class JobRoom:
         # one query: cancel markers name their model too
         expr = f'record["model"] == {string_literal(model)}' if model else 'job >= ""'
         rows = await self._query(JOBS, expr, ["job", "record"])
-        records = list(latest(rows).values())
-        records.sort(key=lambda r: r.job, reverse=True)
-        marked = {str(r["job"]).removesuffix("/cancel") for r in rows if str(r["job"]).endswith("/cancel")}
-        return [replace(r, state=CANCELLED) if r.job in marked and r.state == RUNNING else r for r in records]
+        markers = {str(r["job"]).removesuffix("/cancel"): r.get("record") or {} for r in rows
+                   if str(r["job"]).endswith("/cancel")}
+        records = [marked(r, markers.get(r.job)) for r in latest(rows).values()]
+        return sorted(records, key=lambda r: r.job, reverse=True)
 
     async def cancel(self, job: str) -> JobRecord:
         record = await self.get(job)
         if record.state != RUNNING:
             raise errors.JobFinished(f"job {job} is {record.state}; only a running job can be cancelled")
         at = now_iso()
-        await self._retrying(functools.partial(self.client.upsert, JOBS, [
+        await self._store.write(functools.partial(self.client.upsert, JOBS, [
             {"job": job + "/cancel", "record": {"at": at, "model": record.model}, "vector": [1.0, 0.0]}]))
         run = self._running.get(job)
         if run is not None:
@@ -255,7 +261,7 @@ class JobRoom:
 
     async def clear_rows(self, job: str, part: str) -> None:
         """Delete a job's rows of one `part` (its groups, before they are written again)."""
-        await self._retrying(functools.partial(self.client.delete, JOB_ROWS,
+        await self._store.write(functools.partial(self.client.delete, JOB_ROWS,
                                                filter=f"key like {string_literal(f'{job}/{part}/%')}"))
 
     # --- for job bodies --------------------------------------------------------------------------------------
@@ -265,7 +271,7 @@ class JobRoom:
         for start in range(0, len(rows), 500):
             chunk = rows[start : start + 500]
             data = [{"key": f"{job}/{part}/{k}", "data": d, "vector": [1.0, 0.0]} for k, d in chunk]
-            await self._retrying(functools.partial(self.client.upsert, JOB_ROWS, data))
+            await self._store.write(functools.partial(self.client.upsert, JOB_ROWS, data))
 
     async def checkpoint(self, run: Running, **progress: Any) -> None:
         """Record progress in memory (the heartbeat writes it); raise JobCancelled if the job was cancelled."""
@@ -384,19 +390,15 @@ class JobRoom:
             self._version = max(self._version + 1, time.time_ns() // 1000)
             key = f"{record.job}/{self._version:017d}"
             row = {"job": key, "record": asdict(record), "vector": [1.0, 0.0]}
-            await self._retrying(functools.partial(self.client.insert, JOBS, [row]))
+            await self._store.write(functools.partial(self.client.insert, JOBS, [row]))
             older = f"job >= {string_literal(record.job + '/0')} and job < {string_literal(key)}"
-            await self._retrying(functools.partial(self.client.delete, JOBS, filter=older))
+            await self._store.write(functools.partial(self.client.delete, JOBS, filter=older))
 
     async def _forget_old(self, model: str) -> None:
         """Delete the finished jobs of `model` beyond the KEEP newest, with their rows."""
         finished = [r.job for r in await self.records(model) if r.state != RUNNING]
         for job in finished[KEEP:]:
-            await self._retrying(functools.partial(self.client.delete, JOB_ROWS,
+            await self._store.write(functools.partial(self.client.delete, JOB_ROWS,
                                                    filter=f"key like {string_literal(job + '/%')}"))
-            await self._retrying(functools.partial(self.client.delete, JOBS,
+            await self._store.write(functools.partial(self.client.delete, JOBS,
                                                    filter=f"job like {string_literal(job + '/%')}"))
-
-    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """A job's write, tried again while the server is unavailable, as every write is (CollectionStore.write)."""
-        return await self._store.write(call)

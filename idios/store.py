@@ -414,22 +414,8 @@ class CollectionStore:
         ordered = sorted(r["url"] for r in keys)
         if not with_data:
             return [{"url": self._url(k)} for k in ordered]
-        gate = asyncio.Semaphore(PARALLEL_QUERIES)
-        fields = ["url", "embedding", "metadata", *([PHASH] if name in self._with_phash else [])]
-
-        async def rows_of(chunk: list[str]) -> Any:
-            async with gate:
-                return await self._read(self.client.query(
-                    name, filter=url_in(chunk), output_fields=fields, strict_float32=True, **self._consistency))
-
-        by_key: dict[str, dict[str, Any]] = {}
-        chunks = [ordered[i : i + ROWS_PER_QUERY] for i in range(0, len(ordered), ROWS_PER_QUERY)]
-        with errors.first_failure():
-            async with asyncio.TaskGroup() as group:
-                reads = [group.create_task(rows_of(c)) for c in chunks]
-        for read in reads:
-            for row in read.result():
-                by_key[row["url"]] = row
+        fields = ["embedding", "metadata", *([PHASH] if name in self._with_phash else [])]
+        by_key = await self._rows_by_key(name, ordered, fields)
         rows = []
         for key in ordered:
             row = by_key.get(key)
@@ -456,12 +442,20 @@ class CollectionStore:
 
     async def rows_of(self, model: str, urls: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The stored rows of `urls` (those still stored), with `fields`, by url; vectors as float32 arrays."""
-        name = self._collection(model)
-        found: dict[str, dict[str, Any]] = {}
-        for start in range(0, len(urls), ROWS_PER_QUERY):
-            chunk = [self._key(u) for u in urls[start : start + ROWS_PER_QUERY]]
-            res = await self._read(self.client.query(name, filter=url_in(chunk), output_fields=["url", *fields],
-                                                     strict_float32=True, **self._consistency))
-            for row in res:
-                found[self._url(row["url"])] = row
-        return found
+        rows = await self._rows_by_key(self._collection(model), [self._key(u) for u in urls], fields)
+        return {self._url(key): row for key, row in rows.items()}
+
+    async def _rows_by_key(self, name: str, keys: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The rows of stored `keys`, by key: ROWS_PER_QUERY a query, PARALLEL_QUERIES at once (see `page`)."""
+        gate = asyncio.Semaphore(PARALLEL_QUERIES)
+
+        async def read(chunk: Sequence[str]) -> Any:
+            async with gate:
+                return await self._read(self.client.query(name, filter=url_in(chunk), output_fields=["url", *fields],
+                                                          strict_float32=True, **self._consistency))
+
+        with errors.first_failure():
+            async with asyncio.TaskGroup() as group:
+                reads = [group.create_task(read(keys[i : i + ROWS_PER_QUERY]))
+                         for i in range(0, len(keys), ROWS_PER_QUERY)]
+        return {row["url"]: row for done in reads for row in done.result()}

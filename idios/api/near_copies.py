@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from idios.dedup import QUERIES  # vectors per range search call
+from idios.dedup import QUERIES, min_cosine_of  # vectors per range search call; similarity's least cosine
 from idios.store import CollectionStore, similarity
 
 BLOCK = 1024  # images of one request compared with each other at a time (a BLOCK x BLOCK similarity block)
@@ -61,8 +61,7 @@ async def judge(store: CollectionStore, model: str, urls: Sequence[str], vectors
 async def nearest_stored(store: CollectionStore, model: str, vectors: np.ndarray,
                          min_similarity: float) -> list[tuple[str, float] | None]:
     """For each vector, the most similar stored url and its similarity when it is at least `min_similarity`."""
-    # similarity is 100 x cosine clamped at 0, so at 0 every stored image counts, whatever its cosine
-    min_cosine = min_similarity / 100 if min_similarity > 0 else -1.0
+    min_cosine = min_cosine_of(min_similarity)  # at 0 every stored image counts, whatever its cosine
     found: list[tuple[str, float] | None] = []
     for start in range(0, len(vectors), QUERIES):
         for hits in await store.neighbours(model, vectors[start : start + QUERIES], min_cosine, 1):
