@@ -206,8 +206,10 @@ class JobRoom:
     async def get(self, job: str) -> JobRecord:
         if not ID_RE.match(job):
             raise errors.JobNotFound(f"no job {job!r}")
-        stored, marker = await self._stored(job)
+        # looked up before the read: a job that ends while the read is under way (a Strong read on a server takes
+        # ~180 ms) leaves _running with its outcome written, so the read may predate it while `run` holds it
         run = self._running.get(job)
+        stored, marker = await self._stored(job)
         record = replace(run.record) if run is not None else stored
         if record is None:
             raise errors.JobNotFound(f"no job {job!r}")
