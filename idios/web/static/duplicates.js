@@ -6,7 +6,8 @@
 const POLL_MS = 700;
 // `gen` changes whenever the view starts over (another model, another job): an answer that arrives for an
 // older generation is dropped instead of drawing one model's job into another's view.
-const dup = { job: null, gen: 0, timer: 0, next: null };
+// `starting` holds "Find duplicates" disabled while its request is out, whatever a background read shows meanwhile.
+const dup = { job: null, gen: 0, timer: 0, next: null, starting: false };
 
 const jobPath = (id, rest = "") => `jobs/${encodeURIComponent(id)}${rest}`;
 const plural = (n, word) => `${n.toLocaleString()} ${word}${n === 1 ? "" : "s"}`;
@@ -63,7 +64,7 @@ function showJob(job) {
   $("dup-state").textContent = jobText(job);
   const running = job.state === "running";
   $("dup-cancel").hidden = !running;
-  $("dup-start").disabled = running;
+  $("dup-start").disabled = running || dup.starting;
 }
 
 // What tells a group's members apart in a narrow caption: the url's last path segment and its query (the
@@ -195,7 +196,9 @@ async function startDuplicates(e) {
   if (!name) return;
   const start = $("dup-start");
   start.disabled = true;
-  dup.gen += 1;  // what a background read (the model's latest job) brings back now would overwrite this answer
+  dup.starting = true;
+  // the view keeps the job it shows (or the model's latest, still loading) until the service has started another:
+  // a refused start (a bad threshold, say) leaves it in place
   show("dup-status", "");
   let id;
   let note = "";
@@ -209,12 +212,14 @@ async function startDuplicates(e) {
       id = err.body.job;
       note = `${err.message}: showing that job.`;
     }
-    const gen = resetDuplicates();
+    dup.starting = false;
+    const gen = resetDuplicates();  // from here an older read's answer is dropped
     if (note) show("dup-status", note, "warn");
     const job = await api(jobPath(id));
     await follow(job, gen);
   } catch (err) {
-    start.disabled = false;
+    dup.starting = false;
+    start.disabled = !!dup.job && dup.job.state === "running";
     show("dup-status", err.message, "error");
   }
 }
