@@ -109,6 +109,18 @@ class ImageTooSmall(ImageError):
     type = "image_too_small"
 
 
+class IIIFInfoInvalid(ImageError):
+    """A IIIF Image API service whose info.json cannot be used (not JSON, not IIIF, absurd dimensions)."""
+
+    type = "iiif_info_invalid"
+
+
+class IIIFUnsupported(ImageError):
+    """A IIIF image request this service cannot honour: a region from a level-0 server, an API before 2.0."""
+
+    type = "iiif_unsupported"
+
+
 class InvalidUrl(FieldError):
     type = "value_error.url"
 

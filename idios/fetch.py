@@ -1,26 +1,50 @@
-"""The fetch actor's tool: download one image with bounded concurrency, time, size and redirects."""
+"""The fetch actor's tool: download one image with bounded concurrency, time, size and redirects, politely
+toward each image host (idios/hostlimits.py: per-host concurrency, rate, headers, retries of 429 and 503)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
 from yarl import URL
 
 from idios import errors
+from idios.hostlimits import HostHeaders, HostLimits, backoff, retry_after
 from idios.metrics import Metrics
 from idios.netguard import AddressPolicy, BlockedAddress, GuardedResolver, HostAllowlist, literal_address
 from idios.settings import Settings
 
 REDIRECTS = {301, 302, 303, 307, 308}
+RETRIED = {429, 503}  # the host is busy: asked again after Retry-After or a backoff
 USER_AGENT = "Idios/0.1 (+reverse image search)"
 CHUNK = 64 * 1024
 
 
+@dataclass
+class _Call:
+    """What one fetch() asks beyond the settings, and the retries it has left."""
+
+    cap: int  # bytes
+    accept: str | None
+    deadline: float  # loop time the whole download must end by
+    retries_left: int
+
+
+@dataclass(frozen=True)
+class _Busy:
+    """A 429 or 503: come back later, after `wait` seconds if the host said (Retry-After)."""
+
+    status: int
+    wait: float | None
+
+
 class ImageFetcher:
     """Downloads image bytes. The URL given stays the image's id; redirects are followed by hand so that
-    every hop is checked against the private-address rule and counted."""
+    every hop is checked against the private-address rule and counted, and each hop's host gets its own limits and
+    headers (an Authorization meant for one host never follows a redirect to another)."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
@@ -29,6 +53,8 @@ class ImageFetcher:
         self._session: aiohttp.ClientSession | None = None
         self._policy = AddressPolicy(settings.allow_private_urls, settings.private_allowlist)
         self._hosts = HostAllowlist(settings.fetch_hosts)
+        self._limits = HostLimits(settings.fetch_per_host, settings.fetch_host_rate)
+        self._headers = HostHeaders(settings.fetch_headers)  # a bad IDIOS_FETCH_HEADERS stops start-up here
 
     async def __aenter__(self) -> ImageFetcher:
         s = self._settings
@@ -50,12 +76,16 @@ class ImageFetcher:
             await self._session.close()
             self._session = None
 
-    async def fetch(self, url: str) -> bytes:
-        """The body behind `url`, or an ImageError naming why not."""
+    async def fetch(self, url: str, *, max_bytes: int | None = None, accept: str | None = None) -> bytes:
+        """The body behind `url`, or an ImageError naming why not. `max_bytes` lowers the size limit for this call
+        (never past max_image_bytes); `accept` replaces the Accept header (a IIIF info.json wants JSON)."""
+        s = self._settings
+        cap = s.max_image_bytes if max_bytes is None else min(max_bytes, s.max_image_bytes)
         async with self._semaphore:
             try:
-                async with asyncio.timeout(self._settings.fetch_timeout):
-                    return await self._follow(url)
+                async with asyncio.timeout(s.fetch_timeout) as scope:
+                    call = _Call(cap, accept, scope.when() or math.inf, s.fetch_retries)
+                    return await self._follow(URL(url), call)
             except TimeoutError:
                 self._metrics.fetch_failures.labels(errors.ImageTimeout.type).inc()
                 raise errors.ImageTimeout(
@@ -65,29 +95,63 @@ class ImageFetcher:
                 self._metrics.fetch_failures.labels(exc.type).inc()
                 raise
 
-    async def _follow(self, url: str) -> bytes:
-        assert self._session is not None, "fetcher used outside its context"
-        target = URL(url)
+    async def _follow(self, target: URL, call: _Call) -> bytes:
         for _ in range(self._settings.max_redirects + 1):
             self._check_target(target)
-            try:
-                async with self._session.get(target, allow_redirects=False) as resp:
-                    if resp.status in REDIRECTS and "Location" in resp.headers:
-                        target = target.join(URL(resp.headers["Location"]))
-                        continue
-                    if resp.status >= 400:
-                        raise errors.ImageHttpError(f"Image URL answered HTTP {resp.status}", http_status=resp.status)
-                    return await self._read(resp)
-            except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, BlockedAddress):
-                    raise errors.PrivateAddress(
-                        f"{target.host} resolves to a private address; IDIOS_ALLOW_PRIVATE_URLS or "
-                        "IDIOS_PRIVATE_ALLOWLIST can allow it"
-                    ) from None
-                raise errors.ImageUnreachable(f"Cannot connect to {target.host}: {exc.os_error}") from None
-            except aiohttp.ClientError as exc:
-                raise errors.ImageUnreachable(f"Image download failed: {exc.__class__.__name__}: {exc}") from None
+            outcome = await self._patiently(target, call)
+            if isinstance(outcome, bytes):
+                return outcome
+            target = outcome
         raise errors.TooManyRedirects(f"More than {self._settings.max_redirects} redirects")
+
+    async def _patiently(self, target: URL, call: _Call) -> bytes | URL:
+        """One hop's answer, asked again after a 429 or 503 while retries last and the wait ends before the
+        deadline; a wait past it fails at once rather than sleeping into a timeout."""
+        while True:
+            outcome = await self._request(target, call)
+            if not isinstance(outcome, _Busy):
+                return outcome
+            wait = outcome.wait
+            if wait is None:
+                wait = backoff(self._settings.fetch_retries - call.retries_left)
+            message = f"Image URL answered HTTP {outcome.status}"
+            if call.retries_left <= 0:
+                raise errors.ImageHttpError(message, http_status=outcome.status)
+            if asyncio.get_running_loop().time() + wait > call.deadline:
+                raise errors.ImageHttpError(f"{message}, asking to wait {wait:g} s: past the download's "
+                                            f"{self._settings.fetch_timeout:g} s", http_status=outcome.status)
+            call.retries_left -= 1
+            self._metrics.fetch_retries.labels(str(outcome.status)).inc()
+            await asyncio.sleep(wait)
+
+    async def _request(self, target: URL, call: _Call) -> bytes | URL | _Busy:
+        """One HTTP request within its host's limits: the body, a redirect's next URL, or a busy answer."""
+        assert self._session is not None, "fetcher used outside its context"
+        host = target.host or ""
+        headers = self._headers.for_host(host)
+        if call.accept is not None:
+            headers["Accept"] = call.accept
+        try:
+            async with (
+                self._limits.slot(host),
+                self._session.get(target, allow_redirects=False, headers=headers) as resp,
+            ):
+                if resp.status in REDIRECTS and "Location" in resp.headers:
+                    return target.join(URL(resp.headers["Location"]))
+                if resp.status in RETRIED:
+                    return _Busy(resp.status, retry_after(resp.headers.get("Retry-After")))
+                if resp.status >= 400:
+                    raise errors.ImageHttpError(f"Image URL answered HTTP {resp.status}", http_status=resp.status)
+                return await self._read(resp, call.cap)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, BlockedAddress):
+                raise errors.PrivateAddress(
+                    f"{target.host} resolves to a private address; IDIOS_ALLOW_PRIVATE_URLS or "
+                    "IDIOS_PRIVATE_ALLOWLIST can allow it"
+                ) from None
+            raise errors.ImageUnreachable(f"Cannot connect to {target.host}: {exc.os_error}") from None
+        except aiohttp.ClientError as exc:
+            raise errors.ImageUnreachable(f"Image download failed: {exc.__class__.__name__}: {exc}") from None
 
     def _check_target(self, target: URL) -> None:
         if target.scheme not in ("http", "https") or not target.host:
@@ -100,8 +164,7 @@ class ImageFetcher:
                 f"{target.host} is a private address; IDIOS_ALLOW_PRIVATE_URLS or IDIOS_PRIVATE_ALLOWLIST can allow it"
             )
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
-        cap = self._settings.max_image_bytes
+    async def _read(self, resp: aiohttp.ClientResponse, cap: int) -> bytes:
         if resp.content_length is not None and resp.content_length > cap:
             raise errors.ImageTooLarge(f"Image is {resp.content_length} bytes; the limit is {cap}")
         buf = bytearray()

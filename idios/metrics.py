@@ -28,6 +28,8 @@ class Metrics:
         self.batch_seconds = Histogram("idios_batch_seconds", "time per batch (embed: model run; write: Milvus)",
                                        ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.fetch_failures = Counter("idios_fetch_failures", "image downloads that failed", ["type"], registry=r)
+        self.fetch_retries = Counter("idios_fetch_retries", "image download requests asked again after HTTP 429 "
+                                     "or 503", ["status"], registry=r)
         self.engine = Gauge("idios_model_engine", "1 for the engine and precision each loaded tower runs on",
                             ["model", "tower", "engine", "precision", "device"], registry=r)
         self.queue_depth = Gauge("idios_queue_depth", "jobs waiting in the broker queue", registry=r)

@@ -62,6 +62,25 @@ class Settings:
     fetch_timeout: float = field(default=20.0, metadata={"help": "seconds for one whole image download"})
     connect_timeout: float = field(default=5.0, metadata={"help": "seconds to connect to an image host"})
     max_redirects: int = field(default=5, metadata={"help": "redirects followed per image"})
+    fetch_per_host: int = field(default=8, metadata={
+        "help": "concurrent downloads from one image host (0 = only fetch_concurrency bounds them)"})
+    fetch_host_rate: float = field(default=0.0, metadata={
+        "help": "most requests a second to one image host (0 = no limit)"})
+    fetch_retries: int = field(default=3, metadata={
+        "help": "retries of a download answered 429 or 503, after Retry-After or a growing backoff, within "
+                "fetch_timeout"})
+    fetch_headers: str = field(default="", metadata={
+        "help": 'request headers per image host, JSON: {"iiif.example.org": {"User-Agent": "...", "Authorization": '
+                '"Bearer ..."}, "*.example.net": {...}} (a host pattern as in fetch_hosts)'})
+    iiif_info_cache: int = field(default=10_000, metadata={
+        "help": "IIIF Image API services whose info.json a worker keeps (least recently used go first)"})
+    iiif_info_ttl: float = field(default=3600.0, metadata={"help": "seconds a worker keeps a IIIF info.json"})
+    iiif_scale: float = field(default=4.0, metadata={
+        "help": "a IIIF image is fetched with its short side this many times the model's input side (never "
+                "larger than the image): smaller = fewer bytes, an embedding further from the full image's"})
+    iiif_format: str = field(default="jpg", metadata={
+        "help": "format asked of a IIIF server that offers it: jpg, or png (lossless: the embedding of the full "
+                "image exactly, at ~12x the bytes); a url naming another format keeps it"})
     max_image_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "largest image download"})
     max_image_pixels: int = field(default=100_000_000, metadata={"help": "largest declared image area"})
     min_image_side: int = field(default=150, metadata={"help": "smallest accepted image side, pixels"})

@@ -18,6 +18,7 @@ from idios import errors
 from idios.decode import DecodeLimits, prepare
 from idios.embed import ModelRuntime, load_runtimes
 from idios.fetch import ImageFetcher
+from idios.iiif import DerivativePolicy, ImageSource, InfoCache
 from idios.messages import BusJob, JobKind, JobResult
 from idios.metrics import Metrics
 from idios.models import ModelSpec
@@ -46,7 +47,7 @@ class JobHandler:
         self.limits = DecodeLimits(settings.min_image_side, settings.max_image_pixels)
         self.runtimes: dict[str, ModelRuntime] = {}
         self.refused: dict[str, str] = {}  # models this process does not serve, with why (CollectionStore.refused)
-        self._fetcher: ImageFetcher | None = None
+        self._source: ImageSource | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
 
     @classmethod
@@ -68,7 +69,9 @@ class JobHandler:
         model_pool = pool(stack, ThreadPoolExecutor(1, thread_name_prefix="idios-onnx"))
         self.runtimes = await load_runtimes(specs, settings, model_pool, stack, metrics)
         await writer.start_batchers(specs, stack, metrics)
-        self._fetcher = await stack.enter_async_context(ImageFetcher(settings, metrics))
+        fetcher = await stack.enter_async_context(ImageFetcher(settings, metrics))
+        self._source = ImageSource(fetcher, InfoCache(settings.iiif_info_cache, settings.iiif_info_ttl),
+                                   DerivativePolicy(settings.iiif_scale, settings.iiif_format.lower()))
         return self
 
     async def handle(self, job: BusJob) -> JobResult:
@@ -112,10 +115,13 @@ class JobHandler:
 
     async def _embed_image(self, runtime: ModelRuntime, job: BusJob, hashed: bool = False) -> tuple[np.ndarray, str]:
         """The image's embedding and, with `hashed` (an image to store), its pHash from the same decode ("")."""
-        assert self._fetcher is not None and self._decode_pool is not None
+        assert self._source is not None and self._decode_pool is not None
         runtime.preparing += 1
         try:
-            data = job.image if job.image is not None else await self._fetcher.fetch(job.url)
+            if job.image is not None:
+                data = job.image
+            else:  # a IIIF image comes at the size the model needs (idios/iiif.py)
+                data = await self._source.fetch(job.url, runtime.spec.image_size)
             loop = asyncio.get_running_loop()
             ready = await loop.run_in_executor(self._decode_pool, prepare, data, runtime.spec, self.limits, hashed)
         finally:

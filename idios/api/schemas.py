@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 from yarl import URL
 
-from idios import errors
+from idios import errors, iiif
 from idios.limits import METADATA_MAX, PAGE_MAX, URL_MAX
 from idios.phash import valid as valid_phash
 
@@ -31,7 +31,7 @@ def check_url(value: str) -> str:
         raise PydanticCustomError("value_error.url.scheme", "URL scheme must be http or https")
     if not parsed.host:
         raise PydanticCustomError("value_error.url.host", "URL must have a host")
-    return value
+    return iiif.canonical(value)  # the id a IIIF image is stored under, whichever size the url asks for
 
 
 def check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -169,7 +169,27 @@ function showQuery(label, src) {
 
 // A thumbnail of a stored image linking to it (its url, loaded by the browser); a plain box for a url that is
 // only an id. Also used by duplicates.js.
-function thumbLink(url, alt) {
+// A IIIF Image API request (the same pattern as idios/iiif.py IMAGE_REQUEST): its thumbnail comes through the
+// Image API at 200 px (as idios.iiif.thumbnail names it) instead of the master the url names.
+const IIIF_IMAGE = new RegExp(
+  "^(https?://[^/?#]+/[^?#]*[^/?#])/" +
+  "(full|square|\\d+,\\d+,\\d+,\\d+|pct:\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?)/" +
+  "(full|\\^?max|\\^?\\d+,|\\^?,\\d+|\\^?!?\\d+,\\d+|\\^?pct:\\d+(?:\\.\\d+)?)/" +
+  "(!?\\d+(?:\\.\\d+)?)/(default|color|gray|bitonal|native|grey|colour)\\.(jpg|jpeg|png|gif|webp|tif|tiff|jp2|pdf)$");
+const THUMB_SIDE = 200;
+
+function thumbSource(url, metadata = null) {
+  const m = IIIF_IMAGE.exec(url);
+  if (m) return `${m[1]}/${m[2]}/!${THUMB_SIDE},${THUMB_SIDE}/${m[4]}/${m[5]}.jpg`;
+  // a bare service base (its key says nothing): the service bulk_ingest recorded for it
+  const service = metadata && metadata.iiif_service;
+  if (typeof service === "string" && isWeb(service) && url.replace(/\/$/, "") === service.replace(/\/$/, "")) {
+    return `${service.replace(/\/$/, "")}/full/!${THUMB_SIDE},${THUMB_SIDE}/0/default.jpg`;
+  }
+  return url;
+}
+
+function thumbLink(url, alt, metadata) {
   const link = document.createElement(isWeb(url) ? "a" : "div");
   link.className = "thumb";
   if (isWeb(url)) {
@@ -177,7 +197,7 @@ function thumbLink(url, alt) {
     link.target = "_blank";
     link.rel = "noopener noreferrer";
     const img = document.createElement("img");
-    img.src = url;
+    img.src = thumbSource(url, metadata);
     img.alt = alt;
     img.loading = "lazy";
     img.referrerPolicy = "no-referrer";
@@ -190,7 +210,7 @@ function thumbLink(url, alt) {
 function hitCard(hit, rank) {
   const li = document.createElement("li");
   li.className = "hit";
-  const link = thumbLink(hit.url, `result ${rank}`);
+  const link = thumbLink(hit.url, `result ${rank}`, hit.metadata);
   const sim = document.createElement("p");
   sim.className = "similarity";
   sim.textContent = `#${rank} · ${hit.similarity.toFixed(1)}`;
@@ -199,6 +219,17 @@ function hitCard(hit, rank) {
   url.className = "url";
   url.textContent = hit.url;
   li.append(link, sim, url);
+  const manifest = hit.metadata && hit.metadata.iiif_manifest;
+  if (typeof manifest === "string" && isWeb(manifest)) {  // bulk_ingest's IIIF input records it
+    const a = document.createElement("a");
+    a.className = "manifest";
+    a.href = manifest;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    a.textContent = "IIIF manifest";
+    a.title = manifest;
+    li.append(a);
+  }
   if (hit.metadata && Object.keys(hit.metadata).length) {
     const meta = document.createElement("pre");
     meta.className = "metadata";
@@ -233,7 +264,7 @@ function searchUrl(url) {
   url = url.trim();
   if (!url) return show("search-status", "Enter the URL of an image to search with.", "error");
   search("search-status", $("search-url-form"), (opts) => ({ json: { url, ...opts } }),
-    `Query: ${url}`, isWeb(url) ? url : null);
+    `Query: ${url}`, isWeb(url) ? thumbSource(url) : null);
 }
 
 function searchText(text) {
