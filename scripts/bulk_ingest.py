@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iiif_walk import WalkOptions, iiif_records, is_url, looks_like_iiif, url_stem
 from ingest_input import DUMP_PAGE, FORMATS, InputSpec, Record, model_records, open_text, read_records
 from ingest_input import count_records as count_input
 from ingest_state import DoneRanges, StateLog, load_state
@@ -33,25 +34,43 @@ from service_client import (
 DESCRIPTION = """\
 Add the images listed in INPUT to an Idios service, in add_bulk batches sent with bounded concurrency.
 
-INPUT (a file, or - for stdin) is one of:
+INPUT (a file, - for stdin, or the http(s) URL of a IIIF manifest or collection) is one of:
   text   one url per line; blank lines and lines starting with # are skipped
   jsonl  one JSON object per line: {"url": "...", "metadata": {...}}; metadata is optional, other keys are
          ignored (so a --failed file can be fed back as input)
   csv    a header row, then one image per row. The url is in the column named by --url-column. Metadata is
          the JSON object in --metadata-column when that is given; otherwise every other non-empty column,
          as a string ({"title": "...", "year": "1999"})
---format auto (the default) takes csv for *.csv, jsonl for *.jsonl/*.ndjson, otherwise jsonl when the first
-line starts with '{', else text. Records are numbered from 0 in input order ("positions").
+  iiif   a IIIF Presentation 2.x or 3.0 manifest or collection, as an http(s) URL or a file: one record per
+         image painted on each canvas (v3 items -> Canvas -> AnnotationPage -> painting Annotation -> body,
+         a Choice body's first item only; v2 the first sequence's canvases -> images -> resource, an
+         oa:Choice's default). The url is the image's Image API service as {service}/full/max/0/default.jpg,
+         else the image's own id. Metadata: iiif_manifest, iiif_canvas, canvas_index (0-based), label,
+         manifest_label, and when present rights (v3 rights, v2 license), required_statement ("Label: value";
+         v2 attribution), iiif_service. Labels in --iiif-language, else "none", else the first language; several
+         values joined with "; "; HTML reduced to its text when that is plain; each value cut at 4000 characters.
+         Collections are followed depth-first in document order (each URL once: loops are cut), at most
+         --iiif-max-documents fetched and --iiif-max-depth deep; a manifest embedded whole is not fetched.
+         A document that cannot be used (HTTP error, timeout, not JSON, not IIIF, over 64 MB, past a limit) is
+         one failed record (type iiif_*) and the walk goes on. The total is not known ahead, so the bar has no ETA.
+--format auto (the default) takes iiif for an http(s) URL and for a *.json file that is a manifest or collection,
+csv for *.csv, jsonl for *.jsonl/*.ndjson, otherwise jsonl when the first line starts with '{', else text.
+Records are numbered from 0 in input order ("positions"); for iiif, in walk order.
 
 Resuming: after each finished batch its positions are appended to the state file (default INPUT.MODEL.state.jsonl;
-stdin needs an explicit --state). Run the same command again after a crash or Ctrl-C and it sends only what is
+stdin needs an explicit --state; for a URL, STEM.MODEL.state.jsonl in the current folder, STEM made from the URL).
+Run the same command again after a crash or Ctrl-C and it sends only what is
 not done; at most the batches in flight are sent again, and the service answers those "found" without
-fetching the images again. --skip-existing also lists the urls the service holds and never sends those.
+fetching the images again. For iiif the positions are those of the walk: resuming assumes the manifests and
+collections (and the --iiif-* options) did not change; if they did, start over with a new state file.
+--skip-existing also lists the urls the service holds and never sends those.
 
 Failures: every record that failed is written to the --failed file (JSON Lines: position, url, error, type,
 metadata). Items failing for a reason that may pass (image_timeout, image_unreachable, job_timeout, worker
 errors) are retried --item-retries times first. Requests are retried after connection errors, timeouts, 429
 and 5xx (--retries, exponential backoff). To retry the failures later: bulk_ingest.py FAILED_FILE --model M.
+A IIIF document that failed (type iiif_*) is listed with its own url: retry it as an input of its own,
+bulk_ingest.py URL --model M (its records are numbered afresh, so give it its own --state).
 
 Moving to another model (--from-model OLD --model NEW, no INPUT): the records are the url and metadata of every
 row OLD holds, paged through POST /models/OLD/dump in the service's cursor order (by url) and numbered from 0;
@@ -96,7 +115,9 @@ class Totals:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", nargs="?", help="the list of images: a file, or - for stdin (not with --from-model)")
+    p.add_argument("input", nargs="?",
+                   help="the list of images: a file, - for stdin, or a IIIF manifest or collection URL (not with "
+                        "--from-model)")
     add_service_args(p)
     g = p.add_argument_group("input")
     g.add_argument("--from-model", metavar="OLD",
@@ -108,6 +129,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--url-column", default="url", help="CSV: the column holding the url (default: %(default)s)")
     g.add_argument("--metadata-column", help="CSV: a column holding a JSON object used as the metadata")
     g.add_argument("--limit", type=int, help="handle only the records at positions below LIMIT (try a sample first)")
+    g = p.add_argument_group("IIIF input (--format iiif)")
+    g.add_argument("--iiif-language", default="en",
+                   help="language of the labels kept, from IIIF language maps (default: %(default)s)")
+    g.add_argument("--iiif-max-documents", type=int, default=10_000,
+                   help="most manifests and collections fetched in one walk (default: %(default)s)")
+    g.add_argument("--iiif-max-depth", type=int, default=8,
+                   help="deepest collection nesting followed, the input being 0 (default: %(default)s)")
+    g.add_argument("--iiif-timeout", type=float, default=60.0,
+                   help="seconds allowed to fetch one document; connection errors, timeouts, 429 and 5xx are "
+                        "retried as --retries says (default: %(default)s)")
     g = p.add_argument_group("sending")
     g.add_argument("--batch", type=int, default=256,
                    help="records per add_bulk request, at most the server's limit of 10,000 (default: %(default)s)")
@@ -145,14 +176,35 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.page_size is not None:
         p.error("--page-size is for --from-model")
     stdin = args.input == "-"
-    if not stdin and not Path(args.input).is_file():
+    check_format(p, args)
+    if not stdin and not is_url(args.input) and not Path(args.input).is_file():
         p.error(f"no such file: {args.input}")
+    stem = url_stem(args.input) if is_url(args.input) else args.input
     if args.no_state:
         args.state = None
     elif args.state is None and not stdin:
-        args.state = Path(f"{args.input}.{args.model}.state.jsonl")
+        args.state = Path(f"{stem}.{args.model}.state.jsonl")
     if args.failed is None:
-        args.failed = Path(f"{args.input}.{args.model}.failed.jsonl" if not stdin else f"bulk_ingest.{args.model}.failed.jsonl")
+        args.failed = Path(f"bulk_ingest.{args.model}.failed.jsonl" if stdin else f"{stem}.{args.model}.failed.jsonl")
+
+
+def check_format(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Settle --format auto to iiif for a URL or a .json manifest or collection; a URL is read only as IIIF, and
+    IIIF is not read from stdin; the --iiif-* limits must be positive."""
+    if args.iiif_max_documents < 1 or args.iiif_max_depth < 0 or args.iiif_timeout <= 0:
+        p.error("--iiif-max-documents and --iiif-timeout must be positive, --iiif-max-depth not negative")
+    if is_url(args.input):
+        if args.format not in ("auto", "iiif"):
+            p.error(f"a URL input is read as IIIF only (--format iiif or auto), not as {args.format}")
+        args.format = "iiif"
+    elif args.input == "-" and args.format == "iiif":
+        p.error("--format iiif reads a file or an http(s) URL, not stdin")
+    elif args.format == "auto" and args.input.lower().endswith(".json") and Path(args.input).is_file():
+        try:
+            if looks_like_iiif(args.input):
+                args.format = "iiif"
+        except OSError as exc:
+            p.error(f"cannot read {args.input}: {exc}")
 
 
 def check_from_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -164,7 +216,9 @@ def check_from_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.from_model == args.model:
         p.error(f"--from-model and --model are both {args.model!r}: name the model to move to with --model")
     input_options = (("--format", args.format, "auto"), ("--url-column", args.url_column, "url"),
-                     ("--metadata-column", args.metadata_column, None))
+                     ("--metadata-column", args.metadata_column, None), ("--iiif-language", args.iiif_language, "en"),
+                     ("--iiif-max-documents", args.iiif_max_documents, 10_000),
+                     ("--iiif-max-depth", args.iiif_max_depth, 8), ("--iiif-timeout", args.iiif_timeout, 60.0))
     given = [flag for flag, value, default in input_options if value != default]
     if given:
         p.error(f"{', '.join(given)}: only for an INPUT file, not with --from-model")
@@ -182,20 +236,30 @@ def check_from_model(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def source_name(args: argparse.Namespace) -> str:
-    """What the records come from, as the state file's header names it: the input file, -, or OLD's url."""
+    """What the records come from, as the state file's header names it: the input file, -, a IIIF URL, or OLD's
+    url."""
     if args.from_model is not None:
         return f"{args.server.rstrip('/')}/models/{args.from_model}"
-    return "-" if args.input == "-" else str(Path(args.input).resolve())
+    if args.input == "-" or is_url(args.input):
+        return str(args.input)
+    return str(Path(args.input).resolve())
 
 
 def input_spec(args: argparse.Namespace) -> InputSpec:
     return InputSpec(args.input, args.format, args.url_column, args.metadata_column)
 
 
+def walk_options(args: argparse.Namespace) -> WalkOptions:
+    return WalkOptions(language=args.iiif_language, max_documents=args.iiif_max_documents,
+                       max_depth=args.iiif_max_depth, timeout=args.iiif_timeout, retries=max(0, args.retries),
+                       backoff_max=args.backoff_max)
+
+
 def count_records(args: argparse.Namespace) -> int | None:
-    """How many records the input holds (None for stdin, which can be read once only)."""
+    """How many records the input holds (None for stdin, which can be read once only, and for IIIF, which would
+    mean fetching every document twice; the bar then shows the count and rate without an ETA, or --limit)."""
     limit: int | None = args.limit
-    if args.input == "-":
+    if args.input == "-" or args.format == "iiif":
         return limit
     with open_text(args.input) as f:
         n = count_input(input_spec(args), f)
@@ -216,10 +280,15 @@ async def each(records: Iterator[Record]) -> AsyncGenerator[Record, None]:
 
 @asynccontextmanager
 async def open_records(args: argparse.Namespace, client: ServiceClient) -> AsyncIterator[AsyncIterator[Record]]:
-    """The records of this run: the input file's, or those of --from-model, streamed page by page."""
+    """The records of this run: the input file's, those of a IIIF walk, or those of --from-model, streamed page
+    by page."""
     if args.from_model is not None:
         async with aclosing(model_records(client, args.from_model, args.page_size)) as rows:
             yield rows
+        return
+    if args.format == "iiif":
+        async with iiif_records(args.input, walk_options(args)) as walked:
+            yield walked
         return
     with open_text(args.input) as stream:
         async with aclosing(each(read_records(input_spec(args), stream))) as recs:
@@ -257,7 +326,7 @@ async def settle(client: ServiceClient, args: argparse.Namespace, batch: list[Re
                  existing: frozenset[str]) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Send one batch (re-sending transient item failures) until every record is added, found or failed."""
     counts = {"sent": 0, "added": 0, "found": 0, "failed": 0, "duplicates": 0}
-    failures = [failure(r, r.problem, "input_error") for r in batch if r.problem is not None]
+    failures = [failure(r, r.problem, r.problem_type) for r in batch if r.problem is not None]
     pending: dict[str, Record] = {}
     for rec in batch:
         if rec.problem is not None or rec.url is None:

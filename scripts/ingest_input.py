@@ -1,5 +1,5 @@
 """Input records for bulk_ingest.py: plain url lists, CSV and JSON Lines, from a file or stdin; or the rows another
-model of the service holds (--from-model), paged through its dump."""
+model of the service holds (--from-model), paged through its dump. (IIIF manifests and collections: iiif_walk.py.)"""
 
 from __future__ import annotations
 
@@ -14,18 +14,20 @@ from typing import Any, TextIO
 
 from service_client import EXIT_SERVICE, ScriptError, ServiceClient, dumps
 
-FORMATS = ("auto", "text", "csv", "jsonl")
+FORMATS = ("auto", "text", "csv", "jsonl", "iiif")
 DUMP_PAGE = 1000  # rows per dump request of --from-model: ~1.1 MB of base64 at 192-d, ~2.8 MB at 512-d
 
 
 @dataclass(frozen=True)
 class Record:
-    """One input record. `position` counts records from 0; `problem` is set when it cannot be sent."""
+    """One input record. `position` counts records from 0; `problem` is set when it cannot be sent, and
+    `problem_type` is then the failed file's type for it."""
 
     position: int
     url: str | None
     metadata: dict[str, Any] | None = None
     problem: str | None = None
+    problem_type: str = "input_error"
 
     def item(self) -> dict[str, Any]:
         """The add_bulk item for this record."""

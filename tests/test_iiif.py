@@ -303,3 +303,20 @@ def test_derivative_policy_refuses_nonsense() -> None:
         iiif.DerivativePolicy(format="bmp")
     assert iiif.DerivativePolicy(scale=1.5).short_side(224) == 336
     assert np.isclose(iiif.DerivativePolicy().scale, 4.0)
+
+
+async def test_both_deployments_store_the_derivative_under_the_key(service: Service,
+                                                                    iiif_server: ReferenceServer) -> None:
+    """The same through the suite's two deployments: embedded, and an API with 2 worker processes over RabbitMQ on
+    the Milvus server (a worker reads info.json and fetches the derivative in its own process)."""
+    base = iiif_server.service("rocket", "2.1")
+    key = f"{base}/full/max/0/default.jpg"
+    before = len(iiif_server.requests())
+    async with service.http.post(f"{service.model(MODEL)}/add",
+                                 json={"url": f"{base}/full/!500,500/0/default.jpg", "metadata": {"t": 1}}) as resp:
+        assert resp.status == 204, await resp.text()
+    assert asked(iiif_server, before, "rocket")[-1] == "/2.1_pil/rocket/full/896,/0/default.jpg"
+    hits = await upload_search(service, (iiif_server.folder / "rocket.jpg").read_bytes())
+    assert hits[0]["url"] == key and hits[0]["similarity"] > 99.9, hits
+    async with service.http.post(f"{service.model(MODEL)}/remove", json={"url": f"{base}/info.json"}) as resp:
+        assert resp.status == 204, await resp.text()
