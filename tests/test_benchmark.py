@@ -93,3 +93,19 @@ def test_duplicates_benchmark_finds_every_planted_group(tmp_path: Path) -> None:
     assert fig["quality"]["pair_recall"] == fig["quality"]["pair_precision"] == 1.0
     assert fig["job"]["rows"] == 3000 and fig["job"]["wall_s"] > 0
     assert "job wall s" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_iiif_scripts_measure_against_the_reference_server() -> None:
+    """scripts/measure_iiif.py and scripts/bench_iiif.py, small, against the reference IIIF server: every figure
+    the README quotes comes out (the full runs' figures are in the README's IIIF section)."""
+    measure = subprocess.run([sys.executable, "scripts/measure_iiif.py", "--factors", "1,4", "--rounds", "1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert measure.returncode == 0, measure.stderr[-3000:]
+    rows = [line for line in measure.stdout.splitlines() if line.startswith("| thumb_grid |")]
+    assert len(rows) == 2 and all(cell.count(" / ") == 2 for cell in rows), measure.stdout  # jpg, png x F=1, 4
+    assert "| IIIF sized, default: jpg at 4x |" in measure.stdout and "| master file (plain url) |" in measure.stdout
+    bench = subprocess.run([sys.executable, "scripts/bench_iiif.py", "--images", "8"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=280)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert "| IIIF manifest (sized derivatives) | 4 |" in bench.stdout and "| plain master urls | 4 |" in bench.stdout
