@@ -320,3 +320,16 @@ async def test_both_deployments_store_the_derivative_under_the_key(service: Serv
     assert hits[0]["url"] == key and hits[0]["similarity"] > 99.9, hits
     async with service.http.post(f"{service.model(MODEL)}/remove", json={"url": f"{base}/info.json"}) as resp:
         assert resp.status == 204, await resp.text()
+
+
+async def test_remove_also_takes_a_row_stored_under_a_sized_url_before_keys_were_canonical(
+        svc: Service, iiif_server: ReferenceServer) -> None:
+    from idios.store import Row
+
+    base = iiif_server.service("astronaut", "3.0")
+    legacy = f"{base}/full/!400,400/0/default.jpg"  # how an older version stored it: the url as given
+    await svc.backend.store.put(MODEL, [Row(legacy, np.full(192, 192 ** -0.5, dtype=np.float32), None)], upsert=False)
+    assert (await post(svc, "/add", {"url": legacy}))[0] == 204  # now kept under the canonical key, beside it
+    assert await stored(svc, base) == sorted([legacy, f"{base}/full/max/0/default.jpg"])
+    assert (await post(svc, "/remove", {"url": legacy}))[0] == 204
+    assert await stored(svc, base) == []
