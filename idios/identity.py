@@ -129,7 +129,7 @@ def records_index(client: MilvusClient) -> Any:
 def read_records(client: MilvusClient, models: list[str],
                  load: Callable[[MilvusClient, str, Callable[[], Any]], None]) -> dict[str, Identity]:
     """The stored identity of each of `models` that has one. The records' collection is made on first start
-    (race-safe: another process may make it at the same moment) and loaded with `load` (CollectionStore._load,
+    (race-safe: another process may make it at the same moment) and loaded with `load` (store_open.load,
     which waits for another process's index). Read Strong: a record written a moment ago must be seen."""
     if not models:
         return {}

@@ -48,7 +48,7 @@ def create_collection(client: MilvusClient, name: str, dim: int, index_kind: str
 
 
 def embedding_index(client: MilvusClient, kind: str, metric: str = METRIC) -> Any:
-    """The index parameters of a collection's embedding field (create_collection, CollectionStore._load)."""
+    """The index parameters of a collection's embedding field (create_collection, store_open.load)."""
     index = client.prepare_index_params()
     index.add_index("embedding", **index_args(kind, metric))
     return index

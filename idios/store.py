@@ -1,31 +1,31 @@
 """The Milvus calls: one collection per model, through AsyncMilvusClient. Reads here; writes are sent from here
-but decided by the Writer (idios/writer.py)."""
+but decided by the Writer (idios/writer.py); what start-up does to open the collections is in store_open.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
-from pymilvus import AsyncMilvusClient, MilvusClient
+from pymilvus import AsyncMilvusClient
 
-from idios import errors, identity, milvus_rows
+from idios import errors, identity, milvus_rows, store_open
 from idios.filters import url_after, url_in
-from idios.identity import Identity, dim_mismatch, identity_of, mismatch
+from idios.identity import Identity, identity_of
 from idios.limits import PAGE_MAX
 from idios.models import ModelSpec
-from idios.schema import METRIC, PHASH, create_collection, embedding_index
+from idios.schema import METRIC, PHASH
 from idios.settings import Settings
+from idios.store_open import unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROWS_PER_QUERY = 500  # rows fetched by primary key per query when a page carries vectors
-INDEX_WAIT = 10.0  # seconds a starting process waits for another one's new index (CollectionStore._load)
 PARALLEL_QUERIES = 4  # of those queries at once
 EXACT_FILTER_ROWS = 4096  # a filtered search over at most this many rows reads and ranks them (_filtered_exactly)
 # gRPC's own reconnect backoff grows to 120 s, so a client found the restarted server up to two minutes late
@@ -58,17 +58,6 @@ _QUOTE, _STANDIN = "'", "\x7f"
 def similarity(cosine: float) -> float:
     """Cosine → 0..100 (100 = identical); equal to the original's 100·(1 − d/2) on squared L2 of unit vectors."""
     return float(min(100.0, max(0.0, 100.0 * cosine)))
-
-
-def unavailable(exc: BaseException) -> bool:
-    """A failure that waiting mends: the server cannot be reached, is not ready, or (after a restart, for
-    20-30 s here) has not loaded the collection again yet; it loads it by itself."""
-    text = f"{exc!r} {getattr(exc, 'message', '')}".lower()
-    return isinstance(exc, (TimeoutError, ConnectionError)) or any(m in text for m in _UNAVAILABLE)
-
-
-_UNAVAILABLE = ("unavailable", "fail connecting", "not ready", "deadline_exceeded", "deadline exceeded",
-                "connection refused", "not healthy", "channel closed", "stopping", "not loaded")
 
 
 class CollectionStore:
@@ -114,19 +103,24 @@ class CollectionStore:
         # Collections are created with the synchronous client: it is a one-off at start-up, and its
         # create/has/load calls are the ones Milvus Lite documents.
         # The sync client stays open until close: with Milvus Lite it owns the embedded server process.
-        self._sync = self._connect()
+        self._sync = store_open.connect(s)
         try:
-            db = {} if s.is_milvus_lite else {"db_name": self._ensure_database(s.milvus_db)}
+            db = {} if s.is_milvus_lite else {"db_name": store_open.ensure_database(self._sync, s.milvus_db)}
             if db:  # a client of that database (use_database needs DescribeDatabase, which Milvus 2.3 lacks)
                 self._sync.close()
-                self._sync = self._connect(**db)
+                self._sync = store_open.connect(s, **db)
             self.identities = {i.model: i for i in await asyncio.gather(*hashing)}
-            records = identity.read_records(self._sync, list(self._specs), self._load)
+            records = identity.read_records(self._sync, list(self._specs),
+                                            partial(store_open.load, index_kind=self.index_kind))
             for spec in self._specs.values():
-                reason = self._ensure_collection(self._sync, spec, records.get(spec.name))
-                if reason is not None:
-                    self.refused[spec.name] = reason
-                    log.error("model %s is not served: %s", spec.name, reason)
+                opened = store_open.open_collection(self._sync, spec, records.get(spec.name),
+                                                    self.identities[spec.name], self.index_kind)
+                self._metric_types[spec.collection] = opened.metric
+                if opened.has_phash:
+                    self._with_phash.add(spec.collection)
+                if opened.refused is not None:
+                    self.refused[spec.name] = opened.refused
+                    log.error("model %s is not served: %s", spec.name, opened.refused)
             self._client = AsyncMilvusClient(s.milvus_target, token=s.milvus_token or "",
                                              timeout=s.milvus_timeout, grpc_options=RECONNECT, **db)
         except BaseException:  # a start-up that fails halfway closes what it opened (Milvus Lite's process too)
@@ -134,126 +128,15 @@ class CollectionStore:
             raise
         return self
 
-    def _connect(self, **db: str) -> MilvusClient:
-        """The synchronous client, trying again for up to milvus_timeout while the server does not answer yet: a
-        server still starting (compose starts everything at once), or Milvus Lite's own server process, which
-        makes its socket after the 0.5 s its launcher waits (on a busy machine the first connect came first)."""
-        s = self._settings
-        deadline = time.monotonic() + s.milvus_timeout
-        while True:
-            try:
-                return MilvusClient(s.milvus_target, token=s.milvus_token or "", timeout=s.milvus_timeout, **db)
-            except Exception as exc:
-                if not unavailable(exc) or time.monotonic() > deadline:
-                    raise
-                log.warning("Milvus at %s does not answer yet (%s); trying again", s.milvus_target, errors.brief(exc))
-                time.sleep(0.5)
-
-    def _ensure_database(self, name: str) -> str:
-        """The server's database this deployment keeps its collections in, created on first use."""
-        if name and name != "default" and name not in self._sync.list_databases():
-            try:
-                self._sync.create_database(name)
-                log.info("created Milvus database %s", name)
-            except Exception:
-                if name not in self._sync.list_databases():  # another process may have won the race
-                    raise
-        return name or "default"
-
     async def __aexit__(self, *exc: object) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
         self._sync.close()
 
-    def _ensure_collection(self, client: MilvusClient, spec: ModelSpec, record: Identity | None) -> str | None:
-        """Create or check a model's collection and load it; the reason instead when the model's files are not
-        the ones that filled it (the collection is then left as it is, loaded for reading only).
-
-        `record` is the identity stored for the model. A collection without one (made before identities were
-        recorded, or by a process that stopped between creating it and recording) gets the identity of the
-        files found now, if its vectors have their dimension: which weights filled it cannot be known any
-        better. A record of a collection that no longer exists (dropped by hand) is replaced."""
-        name, mine, folder = spec.collection, self.identities[spec.name], spec.visual.parent
-        exists = client.has_collection(name)
-        if exists and record is not None:
-            reason = mismatch(record, mine, folder)
-            if reason is not None:
-                return self._readable(client, name, reason)
-        elif exists:
-            dim = self._stored_dim(client, name)
-            if dim is not None and dim != spec.dim:
-                return self._readable(client, name, dim_mismatch(dim, mine, folder))
-        else:
-            try:
-                create_collection(client, name, spec.dim, self.index_kind)
-                log.info("created collection %s (%s, dim %d)", name, self.index_kind, spec.dim)
-            except Exception:
-                if not client.has_collection(name):  # another process may have won the race
-                    raise
-        if record is None or not exists:
-            record = identity.record(client, mine)
-            reason = mismatch(record, mine, folder)
-            if reason is not None:  # another process, with other files, recorded its own in between
-                return self._readable(client, name, reason)
-        self._load(client, name)
-        self._metric_types[name] = self._stored_metric(client, name)
-        self._note_fields(client, name)
-        return None
-
-    def _readable(self, client: MilvusClient, name: str, reason: str) -> str:
-        """A refused model's collection is still loaded for reading (count, urls, dump): its rows can be moved
-        to a model of their own (bulk_ingest --from-model) even when the weights that filled it are gone."""
-        self._load(client, name)
-        self._metric_types[name] = self._stored_metric(client, name)
-        self._note_fields(client, name)
-        return reason
-
-    def _load(self, client: MilvusClient, name: str, index: Callable[[], Any] | None = None) -> None:
-        """Load a collection. Processes started together race to create it, and the winner makes its index a
-        moment after the collection (pymilvus creates, then indexes): a loser that finds the collection without
-        an index yet ("index not found", seen on the Milvus 2.3.5 server with an API and two workers starting
-        at once) waits for it, and after INDEX_WAIT seconds makes the index itself."""
-        deadline, rounds = time.monotonic() + INDEX_WAIT, 0
-        while True:
-            try:
-                client.load_collection(name)
-                return
-            except Exception as exc:
-                if "index not found" not in str(exc).lower() or rounds == 3:
-                    raise
-                if time.monotonic() > deadline:
-                    rounds += 1
-                    try:
-                        client.create_index(name, index() if index else embedding_index(client, self.index_kind))
-                    except Exception as again:  # the creator got there in between: load again
-                        log.info("index of %s: %s", name, errors.brief(again))
-                    deadline = time.monotonic() + INDEX_WAIT
-                time.sleep(0.2)
-
-    @staticmethod
-    def _stored_metric(client: MilvusClient, name: str) -> str:
-        for index in client.list_indexes(name, field_name="embedding"):
-            metric = client.describe_index(name, index).get("metric_type")
-            if metric:
-                return str(metric).upper()
-        return METRIC
-
-    def _note_fields(self, client: MilvusClient, name: str) -> None:
-        """Whether a collection has the phash field: those made before it existed keep working without it."""
-        if any(f.get("name") == PHASH for f in client.describe_collection(name).get("fields", [])):
-            self._with_phash.add(name)
-
     def has_phash(self, model: str) -> bool:
         """Whether the model's collection stores images' perceptual hashes (idios/phash.py)."""
         return self._collection(model) in self._with_phash
-
-    @staticmethod
-    def _stored_dim(client: MilvusClient, name: str) -> int | None:
-        for field in client.describe_collection(name).get("fields", []):
-            if field.get("name") == "embedding":
-                return int(field.get("params", {}).get("dim", 0)) or None
-        return None
 
     @property
     def is_milvus_lite(self) -> bool:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from pymilvus import DataType, MilvusClient
 
-from idios import store as store_module
+from idios import store_open
 from idios.models import discover
 from idios.settings import Settings
 from idios.store import CollectionStore
@@ -193,7 +193,7 @@ async def test_a_collection_found_without_its_index_gets_one(
 ) -> None:
     """Processes starting together race to create a collection; the loser can find it before the winner made
     its index (seen in this suite: "index not found" on load). It waits INDEX_WAIT, then makes the index itself."""
-    monkeypatch.setattr(store_module, "INDEX_WAIT", 0.5)
+    monkeypatch.setattr(store_open, "INDEX_WAIT", 0.5)
     with fresh_database(milvus.uri) as db:
         first = MilvusClient(milvus.uri)
         first.create_database(db)
