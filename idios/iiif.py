@@ -36,11 +36,14 @@ _SIZE = r"full|\^?max|\^?\d+,|\^?,\d+|\^?!?\d+,\d+|\^?pct:\d+(?:\.\d+)?"
 _ROTATION = r"!?\d+(?:\.\d+)?"
 _QUALITY = r"default|color|gray|bitonal|native|grey|colour"
 _FORMAT = r"jpg|jpeg|png|gif|webp|tif|tiff|jp2|pdf"
+# ASCII digits only (re.ASCII: Python's \d takes any script's digits, JavaScript's not); the scheme in any case.
+# A query string (an access token, say) is kept: in the key, and on every request made for the image.
+_BASE = r"(?P<base>[hH][tT][tT][pP][sS]?://[^/?#]+/[^?#]*[^/?#])"
+_QUERY = r"(?P<query>\?[^#]*)?"
 IMAGE_REQUEST = re.compile(
-    rf"^(?P<base>https?://[^/?#]+/[^?#]*[^/?#])/(?P<region>{_REGION})/(?P<size>{_SIZE})/"
-    rf"(?P<rotation>{_ROTATION})/(?P<quality>{_QUALITY})\.(?P<format>{_FORMAT})$"
-)
-INFO_URL = re.compile(r"^(?P<base>https?://[^/?#]+/[^?#]*[^/?#])/info\.json$")
+    rf"^{_BASE}/(?P<region>{_REGION})/(?P<size>{_SIZE})/"
+    rf"(?P<rotation>{_ROTATION})/(?P<quality>{_QUALITY})\.(?P<format>{_FORMAT}){_QUERY}$", re.ASCII)
+INFO_URL = re.compile(rf"^{_BASE}/info\.json{_QUERY}$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -52,22 +55,45 @@ class ImageRef:
     rotation: str = "0"
     quality: str = "default"
     format: str = "jpg"
+    query: str = ""  # "?..." as the url had it, sent with every request for the image
 
     @property
     def key(self) -> str:
-        return f"{self.base}/{self.region}/max/{self.rotation}/{self.quality}.{self.format}"
+        return self.request("max")
 
     def request(self, size: str) -> str:
-        return f"{self.base}/{self.region}/{size}/{self.rotation}/{self.quality}.{self.format}"
+        return f"{self.base}/{self.region}/{size}/{self.rotation}/{self.quality}.{self.format}{self.query}"
+
+    @property
+    def info(self) -> str:
+        return f"{self.base}/info.json{self.query}"
+
+
+def _normal_base(base: str) -> str:
+    """The base with its scheme and host in lower case, as URLs compare."""
+    scheme, rest = base.split("://", 1)
+    host, _, path = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}/{path}"
 
 
 def parse(url: str) -> ImageRef | None:
     """The IIIF image `url` names (an image request or an info.json url), or None for any other url."""
     if m := IMAGE_REQUEST.match(url):
-        return ImageRef(m["base"], m["region"], m["rotation"], m["quality"], m["format"])
+        return ImageRef(_normal_base(m["base"]), m["region"], m["rotation"], m["quality"], m["format"],
+                        m["query"] or "")
     if m := INFO_URL.match(url):
-        return ImageRef(m["base"])
+        return ImageRef(_normal_base(m["base"]), query=m["query"] or "")
     return None
+
+
+def bare(url: str) -> ImageRef:
+    """The full image of a service whose base `url` is (the url of a JSON answer that is an info.json): a
+    trailing slash, `/info.json` and the query string are not part of the base; the query is kept for requests."""
+    path, sep, query = url.partition("?")
+    path = path.rstrip("/")
+    if path.endswith("/info.json"):
+        path = path[: -len("/info.json")]
+    return ImageRef(path, query=sep + query if sep else "")
 
 
 def canonical(url: str) -> str:
@@ -105,10 +131,14 @@ class ImageService:
         return preferred
 
     def supports_region(self, region: str) -> bool:
-        if region == "full" or self.level >= 2:
+        """Whether the compliance level (or a listed feature) covers `region`: regionByPx at level 1 and up,
+        regionByPct at 2; regionSquare at level 1 in 3.0 but at no level in 2.x (a 2.x server lists it)."""
+        if region == "full":
             return True
         wanted = "regionSquare" if region == "square" else "regionByPct" if region.startswith("pct:") else "regionByPx"
-        if self.level == 1 and wanted != "regionByPct":
+        if wanted == "regionSquare":
+            return wanted in self.features or self.version == 3 and self.level >= 1
+        if self.level >= 2 or self.level == 1 and wanted == "regionByPx":
             return True
         return wanted in self.features
 
@@ -202,7 +232,9 @@ def _full(service: ImageService) -> str:
 
 
 def _fit_limits(service: ImageService, w: int, h: int) -> tuple[int, int]:
-    """(w, h) scaled down, keeping its shape, until the server's maxWidth / maxHeight / maxArea allow it."""
+    """(w, h) scaled down, keeping its shape, until the server's maxWidth / maxHeight / maxArea allow it. Only
+    the width is asked for (`w,`) and the server rounds the height it derives, so the width is lowered until
+    the height rounded up fits too."""
     scale = 1.0
     if service.max_width:
         scale = min(scale, service.max_width / w)
@@ -210,28 +242,32 @@ def _fit_limits(service: ImageService, w: int, h: int) -> tuple[int, int]:
         scale = min(scale, (service.max_height or service.max_width or h) / h)
     if service.max_area:
         scale = min(scale, math.sqrt(service.max_area / (w * h)))
-    return max(1, math.floor(w * scale)), max(1, math.floor(h * scale))
+    if scale >= 1.0:
+        return w, h
+    fw = max(1, math.floor(w * scale))
+    while fw > 1 and not _allowed(service, fw, -(-h * fw // w)):
+        fw -= 1
+    return fw, max(1, -(-h * fw // w))
 
 
-def size_choices(service: ImageService, ref: ImageRef, short_side: int) -> list[tuple[str, int]]:
+def _allowed(service: ImageService, w: int, h: int) -> bool:
+    max_h = service.max_height or service.max_width
+    return ((not service.max_width or w <= service.max_width) and (not max_h or h <= max_h)
+            and (not service.max_area or w * h <= service.max_area))
+
+
+def size_choices(service: ImageService, ref: ImageRef, short_side: int,
+                 max_pixels: int | None = None) -> list[tuple[str, int]]:
     """The size parameters to ask for, best first, each with the short side it gives: the smallest derivative
-    whose short side is at least `short_side`; the whole region when it is smaller; on a level-0 server the
-    smallest listed size that is large enough, else the full image and then the largest listed size."""
+    whose short side is at least `short_side`; the whole region when it is smaller. On a level-0 server: the
+    smallest listed size that is large enough, else the full image (unless it has more than `max_pixels`, which
+    the decoder would refuse) and then the largest listed size."""
     if not service.supports_region(ref.region):
         raise errors.IIIFUnsupported(
             f"The IIIF server (level {service.level}) cannot cut the region {ref.region}; index the full image")
     rw, rh = region_box(service, ref.region)
     if service.level == 0:
-        listed = [(w, h) for w, h in service.sizes if ref.region == "full"]
-        fits = [s for s in listed if min(s) >= short_side]
-        named = [_listed(service, w, h) for w, h in (fits[:1] if fits else [])]
-        choices = [(n, short_side) for n in named]
-        if not fits:
-            choices.append((_full(service), min(rw, rh)))
-            if listed:
-                w, h = listed[-1]
-                choices.append((_listed(service, w, h), min(w, h)))
-        return choices
+        return _level0_choices(service, ref, short_side, (rw, rh), max_pixels)
     if min(rw, rh) <= short_side:
         w, h = rw, rh
     else:
@@ -241,6 +277,20 @@ def size_choices(service: ImageService, ref: ImageRef, short_side: int) -> list[
     if (fw, fh) == (rw, rh):
         return [(_full(service), min(rw, rh))]
     return [(f"{fw},", min(fw, fh))]
+
+
+def _level0_choices(service: ImageService, ref: ImageRef, short_side: int, region: tuple[int, int],
+                    max_pixels: int | None) -> list[tuple[str, int]]:
+    listed = list(service.sizes) if ref.region == "full" else []
+    whole = [] if max_pixels is not None and region[0] * region[1] > max_pixels else [(_full(service), min(region))]
+    fits = [size for size in listed if min(size) >= short_side]
+    if fits:
+        w, h = fits[0]
+        if (w, h) == region:  # the listed size is the image itself: asked for as the full image, then as listed
+            return [(_full(service), min(w, h)), (_listed(service, w, h), min(w, h))]
+        return [(_listed(service, w, h), min(w, h))]
+    largest = [(_listed(service, w, h), min(w, h)) for w, h in listed[-1:] if (w, h) != region]
+    return whole + largest or [(_full(service), min(region))]
 
 
 def _listed(service: ImageService, w: int, h: int) -> str:
@@ -306,10 +356,12 @@ class ImageSource:
     """The bytes to embed for a url: through the IIIF Image API when the url is a IIIF image (or its server
     answers an info.json), a derivative just large enough for the model; else the url's own bytes."""
 
-    def __init__(self, fetcher: Fetcher, cache: InfoCache, policy: DerivativePolicy | None = None) -> None:
+    def __init__(self, fetcher: Fetcher, cache: InfoCache, policy: DerivativePolicy | None = None,
+                 max_pixels: int | None = None) -> None:
         self._fetcher = fetcher
         self.cache = cache
         self.policy = policy or DerivativePolicy()
+        self._max_pixels = max_pixels  # the decoder's limit (IDIOS_MAX_IMAGE_PIXELS): a larger full image is skipped
 
     async def fetch(self, url: str, input_side: int) -> bytes:
         ref = parse(url)
@@ -318,32 +370,55 @@ class ImageSource:
             if not looks_like_json(data):
                 return data
             # a bare service base answers (or redirects to) its info.json
-            ref = ImageRef(url.rstrip("/"))
+            ref = bare(url)
             service = _info_or_not_an_image(data)
             self.cache.put(ref.base, service)
         else:
-            service = await self._service(ref.base)
+            try:
+                service = await self._service(ref)
+            except (errors.IIIFInfoInvalid, errors.IIIFUnsupported, errors.ImageHttpError) as exc:
+                if isinstance(exc, errors.ImageHttpError) and not _refused(exc):
+                    raise  # the server is failing (5xx, 429): so would the image
+                return await self._without_info(ref, exc)
         return await self._derivative(service, ref, self.policy.short_side(input_side))
 
-    async def _service(self, base: str) -> ImageService:
-        service = self.cache.get(base)
+    async def _service(self, ref: ImageRef) -> ImageService:
+        service = self.cache.get(ref.base)
         if service is None:
-            data = await self._fetcher.fetch(f"{base}/info.json", max_bytes=INFO_MAX_BYTES, accept=INFO_ACCEPT)
+            data = await self._fetcher.fetch(ref.info, max_bytes=INFO_MAX_BYTES, accept=INFO_ACCEPT)
             service = parse_info(data)
-            self.cache.put(base, service)
+            self.cache.put(ref.base, service)
         return service
 
+    async def _without_info(self, ref: ImageRef, why: errors.IdiosError) -> bytes:
+        """An image request whose info.json cannot be used (Image API 1.x, a 401 or 404 for info.json, not
+        IIIF after all): the image itself at its full size, as `max` (2.1, 3.0) and then `full` (1.x, 2.0)."""
+        for size in ("max", "full"):
+            try:
+                return await self._fetcher.fetch(ref.request(size))
+            except errors.ImageHttpError as exc:
+                if not _refused(exc):
+                    raise
+        raise why
+
     async def _derivative(self, service: ImageService, ref: ImageRef, short_side: int) -> bytes:
-        choices = size_choices(service, ref, short_side)
+        choices = size_choices(service, ref, short_side, self._max_pixels)
         ref = dataclasses.replace(ref, format=service.format_for(ref, self.policy.format))
         for i, (size, _) in enumerate(choices):
             try:
                 return await self._fetcher.fetch(ref.request(size))
-            except errors.ImageHttpError as exc:
-                # a level-0 server may lack the full image: the next choice; any other failure is the answer
-                if i == len(choices) - 1 or exc.extra.get("http_status") not in (400, 403, 404, 501):
+            except (errors.ImageHttpError, errors.ImageTooLarge) as exc:
+                # a level-0 server may lack the full image, or have one too large: the next choice; any other
+                # failure is the answer
+                last = i == len(choices) - 1
+                if last or isinstance(exc, errors.ImageHttpError) and not _refused(exc):
                     raise
         raise AssertionError("size_choices returns at least one choice")
+
+
+def _refused(exc: errors.ImageHttpError) -> bool:
+    """A 4xx that says this request will not be served (as opposed to a failing or busy server)."""
+    return exc.extra.get("http_status") in (400, 401, 403, 404, 405, 406, 410, 415, 501)
 
 
 def _info_or_not_an_image(data: bytes) -> ImageService:

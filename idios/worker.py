@@ -71,7 +71,8 @@ class JobHandler:
         await writer.start_batchers(specs, stack, metrics)
         fetcher = await stack.enter_async_context(ImageFetcher(settings, metrics))
         self._source = ImageSource(fetcher, InfoCache(settings.iiif_info_cache, settings.iiif_info_ttl),
-                                   DerivativePolicy(settings.iiif_scale, settings.iiif_format.lower()))
+                                   DerivativePolicy(settings.iiif_scale, settings.iiif_format.lower()),
+                                   settings.max_image_pixels)
         return self
 
     async def handle(self, job: BusJob) -> JobResult:

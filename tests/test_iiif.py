@@ -71,7 +71,8 @@ def test_size_choice_honours_level_limits_and_listed_sizes() -> None:
     assert choice(v3, f"{base}/3900,2900,500,500/max/0/default.jpg") == ["max"], "clipped to 100 x 100"
     capped = iiif.parse_info(info(3, maxWidth=1000))  # maxHeight = maxWidth when only maxWidth is given
     assert choice(capped, f"{base}/info.json") == ["1000,"]
-    assert choice(iiif.parse_info(info(3, maxArea=400_000)), f"{base}/info.json") == ["730,"]
+    # 730 wide would be 730 x 548 (the server rounds the height up) = 400,040 > maxArea
+    assert choice(iiif.parse_info(info(3, maxArea=400_000)), f"{base}/info.json") == ["729,"]
     listed = [{"width": w, "height": h} for w, h in ((500, 375), (1000, 750), (2000, 1500), (9000, 9000))]
     level0 = iiif.parse_info(info(3, profile="level0", sizes=listed))
     assert level0.sizes == ((500, 375), (1000, 750), (2000, 1500)), "a listed size past the image is skipped"
@@ -243,7 +244,10 @@ async def test_a_level_0_site_serves_a_listed_size(svc: Service, level0: StaticS
 # --- hostile IIIF servers ---------------------------------------------------------------------------------------
 
 def impostor(master: bytes) -> web.Application:
-    """A server that says it is IIIF: absurd or broken info.json files, and one that ignores the size asked."""
+    """A server that says it is IIIF: absurd or broken info.json files, an Image API 1.x service, an info.json
+    behind a login, one that ignores the size asked for, and a level-0 one whose full image is too large.
+    Its images: the whole master whatever the size asked (for `ignores`, `locked`, `v1` at size `full`, `level0big`
+    but for its one listed size), a 404 for the others."""
     def doc(**fields: Any) -> web.Response:
         return web.Response(body=info(3, **fields), content_type="application/ld+json")
 
@@ -253,9 +257,12 @@ def impostor(master: bytes) -> web.Application:
         "v1": lambda: web.json_response({"@context": "http://iiif.io/api/image/1/context.json",
                                          "width": 4000, "height": 3000}),
         "missing": lambda: web.Response(status=404),
+        "locked": lambda: web.Response(status=401),
         "level0": lambda: doc(profile="level0"),
+        "level0big": lambda: doc(profile="level0", sizes=[{"width": 500, "height": 375}]),
         "ignores": lambda: doc(),
     }
+    small = encode_jpeg(master, (500, 375))
 
     async def handle(request: web.Request) -> web.Response:
         name, rest = request.match_info["name"], request.match_info["rest"]
@@ -263,17 +270,30 @@ def impostor(master: bytes) -> web.Application:
             return routes[name]()
         if name == "json":  # not an image, not IIIF: JSON where an image was expected
             return web.json_response({"hello": "world"})
-        return web.Response(body=master, content_type="image/jpeg")  # any size asked: the whole master
+        if name == "v1" and "/max/" in rest:
+            return web.Response(status=400, text="size max: not in Image API 1.1")
+        if name == "level0big" and rest.startswith("full/500,"):
+            return web.Response(body=small, content_type="image/jpeg")
+        if name in ("ignores", "locked", "v1", "level0big"):
+            return web.Response(body=master, content_type="image/jpeg")  # any size asked: the whole master
+        return web.Response(status=404)
 
     app = web.Application()
     app.router.add_get("/iiif/{name}/{rest:.*}", handle)
     return app
 
 
+def encode_jpeg(data: bytes, size: tuple[int, int]) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").resize(size).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("name, path, kind", [
     ("absurd", "/full/max/0/default.jpg", "iiif_info_invalid"),
     ("html", "/info.json", "iiif_info_invalid"),
-    ("v1", "/info.json", "iiif_unsupported"),
     ("missing", "/full/max/0/default.jpg", "image_http_error"),
     ("level0", "/0,0,500,500/max/0/default.jpg", "iiif_unsupported"),
     ("json", "/doc", "not_an_image"),
@@ -333,3 +353,77 @@ async def test_remove_also_takes_a_row_stored_under_a_sized_url_before_keys_were
     assert await stored(svc, base) == sorted([legacy, f"{base}/full/max/0/default.jpg"])
     assert (await post(svc, "/remove", {"url": legacy}))[0] == 204
     assert await stored(svc, base) == []
+
+
+@pytest.mark.parametrize("name, asked", [
+    ("v1", ["info.json", "full/max/0/default.jpg", "full/full/0/default.jpg"]),  # 1.x: no max, no sizing
+    ("locked", ["info.json", "full/max/0/default.jpg"]),  # info.json behind a login, the image not
+])
+async def test_without_a_usable_info_json_the_image_comes_whole(svc: Service, iiif_server: ReferenceServer,
+                                                                name: str, asked: list[str]) -> None:
+    master = (iiif_server.folder / "coffee.jpg").read_bytes()
+    seen: list[str] = []
+    app = impostor(master)
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(request.path.split(f"/iiif/{name}/", 1)[-1])
+        return await handler(request)
+
+    app.middlewares.append(record)
+    async with serving(app) as url:
+        key = f"{url}/iiif/{name}/full/max/0/default.jpg"
+        assert await post(svc, "/add", {"url": f"{url}/iiif/{name}/full/600,/0/default.jpg"}) == (204, None)
+        assert seen == asked
+        hits = await upload_search(svc, master)
+        assert key in [h["url"] for h in hits if h["similarity"] > 99.9], hits
+        assert (await post(svc, "/remove", {"url": key}))[0] == 204
+
+
+async def test_a_level_0_full_image_too_large_falls_back_to_a_listed_size(
+        tmp_path: Path, models_dir: Path, iiif_server: ReferenceServer) -> None:
+    master = (iiif_server.folder / "coffee.jpg").read_bytes()
+    async with serving(impostor(master)) as url, \
+            running_service(make_settings(tmp_path, models_dir, max_image_bytes=len(master) - 1)) as small:
+        assert await post(small, "/add", {"url": f"{url}/iiif/level0big/info.json"}) == (204, None)
+        hits = await upload_search(small, master)
+        assert hits[0]["url"] == f"{url}/iiif/level0big/full/max/0/default.jpg" and hits[0]["similarity"] > 99
+
+
+def test_keys_keep_a_query_and_ignore_the_case_of_scheme_and_host() -> None:
+    base = "https://iiif.example.org/iiif/3/a"
+    assert iiif.canonical("HTTPS://IIIF.Example.org/iiif/3/a/full/full/0/default.jpg") == f"{base}/full/max/0/default.jpg"
+    assert iiif.canonical(f"{base}/full/500,/0/default.jpg?token=s3") == f"{base}/full/max/0/default.jpg?token=s3"
+    assert iiif.canonical(f"{base}/info.json?token=s3") == f"{base}/full/max/0/default.jpg?token=s3"
+    ref = iiif.parse(f"{base}/info.json?token=s3")
+    assert ref is not None and ref.info == f"{base}/info.json?token=s3"
+    arabic = f"{base}/\u0661,\u0662,\u0663,\u0664/max/0/default.jpg"
+    assert iiif.canonical(arabic) == arabic, "ASCII digits only, as in the page's JavaScript"
+    assert iiif.bare(f"{base}/info.json?token=s3") == iiif.ImageRef(base, query="?token=s3")
+    assert iiif.bare(f"{base}/").request("max") == f"{base}/full/max/0/default.jpg"
+
+
+def test_level_0_choices_skip_a_full_image_the_decoder_would_refuse() -> None:
+    base = "http://x.test/iiif/a"
+    sizes = [{"width": 500, "height": 375}, {"width": 1000, "height": 750}]
+    level0 = iiif.parse_info(info(3, profile="level0", sizes=sizes))
+    assert choice(level0, f"{base}/info.json") == ["max", "1000,750"]
+    ref = iiif.ImageRef(base)
+    assert [c for c, _ in iiif.size_choices(level0, ref, SHORT, max_pixels=10_000_000)] == ["1000,750"]
+    whole = iiif.parse_info(info(3, profile="level0", width=1000, height=750, sizes=sizes))
+    assert [c for c, _ in iiif.size_choices(whole, ref, 700)] == ["max", "1000,750"], "the full size listed"
+
+
+def test_max_area_holds_for_the_height_the_server_derives() -> None:
+    tall = iiif.parse_info(info(3, width=1000, height=3665, maxArea=700_001))
+    (size, _), = iiif.size_choices(tall, iiif.ImageRef("http://x.test/a"), 2000)
+    w = int(size.rstrip(","))
+    assert w * -(-3665 * w // 1000) <= 700_001 and (w + 1) * -(-3665 * (w + 1) // 1000) > 700_001
+
+
+def test_square_regions_are_a_2x_feature_but_3_0_level_1() -> None:
+    assert not iiif.parse_info(info(2)).supports_region("square")
+    assert iiif.parse_info(info(2, profile=["http://iiif.io/api/image/2/level1.json",
+                                           {"supports": ["regionSquare"]}])).supports_region("square")
+    assert iiif.parse_info(info(3)).supports_region("square")
+    assert not iiif.parse_info(info(3, profile="level0")).supports_region("square")

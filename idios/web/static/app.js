@@ -167,28 +167,39 @@ function showQuery(label, src) {
   box.hidden = false;
 }
 
-// A thumbnail of a stored image linking to it (its url, loaded by the browser); a plain box for a url that is
-// only an id. Also used by duplicates.js.
-// A IIIF Image API request (the same pattern as idios/iiif.py IMAGE_REQUEST): its thumbnail comes through the
-// Image API at 200 px (as idios.iiif.thumbnail names it) instead of the master the url names.
+// A IIIF Image API request (the same pattern as idios/iiif.py IMAGE_REQUEST, query string included): its
+// thumbnail comes through the Image API (idios.iiif.thumbnail names the first choice) instead of the master.
 const IIIF_IMAGE = new RegExp(
-  "^(https?://[^/?#]+/[^?#]*[^/?#])/" +
+  "^([hH][tT][tT][pP][sS]?://[^/?#]+/[^?#]*[^/?#])/" +
   "(full|square|\\d+,\\d+,\\d+,\\d+|pct:\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?)/" +
   "(full|\\^?max|\\^?\\d+,|\\^?,\\d+|\\^?!?\\d+,\\d+|\\^?pct:\\d+(?:\\.\\d+)?)/" +
-  "(!?\\d+(?:\\.\\d+)?)/(default|color|gray|bitonal|native|grey|colour)\\.(jpg|jpeg|png|gif|webp|tif|tiff|jp2|pdf)$");
+  "(!?\\d+(?:\\.\\d+)?)/(default|color|gray|bitonal|native|grey|colour)\\.(jpg|jpeg|png|gif|webp|tif|tiff|jp2|pdf)" +
+  "(\\?[^#]*)?$");
 const THUMB_SIDE = 200;
 
-function thumbSource(url, metadata = null) {
+// What to show for a stored url, best first: for a IIIF image, a 200-px derivative fitting the box (!w,h: level
+// 2), then 200 px wide (w,: level 1), then the url itself; for any other url, the url.
+function thumbSources(url, metadata = null) {
   const m = IIIF_IMAGE.exec(url);
-  if (m) return `${m[1]}/${m[2]}/!${THUMB_SIDE},${THUMB_SIDE}/${m[4]}/${m[5]}.jpg`;
-  // a bare service base (its key says nothing): the service bulk_ingest recorded for it
   const service = metadata && metadata.iiif_service;
-  if (typeof service === "string" && isWeb(service) && url.replace(/\/$/, "") === service.replace(/\/$/, "")) {
-    return `${service.replace(/\/$/, "")}/full/!${THUMB_SIDE},${THUMB_SIDE}/0/default.jpg`;
+  let base = null, region = "full", rotation = "0", quality = "default", query = "";
+  if (m) {
+    [base, region, rotation, quality, query] = [m[1], m[2], m[4], m[5], m[7] || ""];
+  } else if (typeof service === "string" && isWeb(service) &&
+             url.replace(/\/$/, "") === service.replace(/\/$/, "")) {
+    base = service.replace(/\/$/, "");  // a bare service base: the service bulk_ingest recorded for it
   }
-  return url;
+  if (!base) return [url];
+  const at = (size) => `${base}/${region}/${size}/${rotation}/${quality}.jpg${query}`;
+  return [at(`!${THUMB_SIDE},${THUMB_SIDE}`), at(`${THUMB_SIDE},`), url];
 }
 
+function thumbSource(url, metadata = null) {
+  return thumbSources(url, metadata)[0];
+}
+
+// A thumbnail of a stored image linking to it (its url, loaded by the browser); a plain box for a url that is
+// only an id. Also used by duplicates.js.
 function thumbLink(url, alt, metadata) {
   const link = document.createElement(isWeb(url) ? "a" : "div");
   link.className = "thumb";
@@ -197,11 +208,13 @@ function thumbLink(url, alt, metadata) {
     link.target = "_blank";
     link.rel = "noopener noreferrer";
     const img = document.createElement("img");
-    img.src = thumbSource(url, metadata);
+    const sources = thumbSources(url, metadata);
+    img.src = sources.shift();
     img.alt = alt;
     img.loading = "lazy";
     img.referrerPolicy = "no-referrer";
-    img.addEventListener("error", () => link.classList.add("broken"));
+    // a server that cannot cut that size (a level-0 or level-1 IIIF server): the next choice, then give up
+    img.addEventListener("error", () => (sources.length ? (img.src = sources.shift()) : link.classList.add("broken")));
     link.append(img);
   }
   return link;
