@@ -1,14 +1,19 @@
 """The fetch actor's tool: download one image with bounded concurrency, time, size and redirects, politely
-toward each image host (idios/hostlimits.py: per-host concurrency, rate, headers, retries of 429 and 503)."""
+toward each image host (idios/hostlimits.py: per-host concurrency, rate, headers, retries of 429 and 503).
+
+Two clocks bound a fetch. fetch_timeout is the download's: the time its requests run (connect, answer, body)
+plus the Retry-After or backoff waits it asks for, over all its redirects and retries. job_timeout bounds the
+queueing (for a global slot, the host's slot and the host's turn), which the API would answer 504 after anyway:
+a request queued behind a slow or rate-limited host is not charged for the host's other downloads."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
+from multidict import CIMultiDict
 from yarl import URL
 
 from idios import errors
@@ -29,7 +34,8 @@ class _Call:
 
     cap: int  # bytes
     accept: str | None
-    deadline: float  # loop time the whole download must end by
+    budget: float  # seconds of fetch_timeout left: time spent in requests and in retry waits is taken off
+    queue_deadline: float  # loop time by which every queueing for a slot or a turn must have ended
     retries_left: int
 
 
@@ -44,16 +50,18 @@ class _Busy:
 class ImageFetcher:
     """Downloads image bytes. The URL given stays the image's id; redirects are followed by hand so that
     every hop is checked against the private-address rule and counted, and each hop's host gets its own limits and
-    headers (an Authorization meant for one host never follows a redirect to another)."""
+    headers (an Authorization meant for one host never follows a redirect to another, nor goes over plain http to
+    another machine: HostHeaders.for_url)."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._semaphore = asyncio.Semaphore(settings.fetch_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._policy = AddressPolicy(settings.allow_private_urls, settings.private_allowlist)
         self._hosts = HostAllowlist(settings.fetch_hosts)
-        self._limits = HostLimits(settings.fetch_per_host, settings.fetch_host_rate)
+        self._limits = HostLimits(settings.fetch_per_host, settings.fetch_host_rate,
+                                  concurrency=max(settings.fetch_concurrency, 1),
+                                  max_hold=max(settings.job_timeout, settings.fetch_timeout))
         self._headers = HostHeaders(settings.fetch_headers)  # a bad IDIOS_FETCH_HEADERS stops start-up here
 
     async def __aenter__(self) -> ImageFetcher:
@@ -81,19 +89,13 @@ class ImageFetcher:
         (never past max_image_bytes); `accept` replaces the Accept header (a IIIF info.json wants JSON)."""
         s = self._settings
         cap = s.max_image_bytes if max_bytes is None else min(max_bytes, s.max_image_bytes)
-        async with self._semaphore:
-            try:
-                async with asyncio.timeout(s.fetch_timeout) as scope:
-                    call = _Call(cap, accept, scope.when() or math.inf, s.fetch_retries)
-                    return await self._follow(URL(url), call)
-            except TimeoutError:
-                self._metrics.fetch_failures.labels(errors.ImageTimeout.type).inc()
-                raise errors.ImageTimeout(
-                    f"Image download took longer than {self._settings.fetch_timeout:g} s"
-                ) from None
-            except errors.IdiosError as exc:
-                self._metrics.fetch_failures.labels(exc.type).inc()
-                raise
+        queue_deadline = asyncio.get_running_loop().time() + s.job_timeout
+        call = _Call(cap, accept, s.fetch_timeout, queue_deadline, s.fetch_retries)
+        try:
+            return await self._follow(URL(url), call)
+        except errors.IdiosError as exc:
+            self._metrics.fetch_failures.labels(exc.type).inc()
+            raise
 
     async def _follow(self, target: URL, call: _Call) -> bytes:
         for _ in range(self._settings.max_redirects + 1):
@@ -105,8 +107,10 @@ class ImageFetcher:
         raise errors.TooManyRedirects(f"More than {self._settings.max_redirects} redirects")
 
     async def _patiently(self, target: URL, call: _Call) -> bytes | URL:
-        """One hop's answer, asked again after a 429 or 503 while retries last and the wait ends before the
-        deadline; a wait past it fails at once rather than sleeping into a timeout."""
+        """One hop's answer, asked again after a 429 or 503 while retries last and the wait fits in what is left
+        of fetch_timeout; a wait past it fails at once rather than sleeping into a timeout. The wait holds the
+        whole host back (HostLimits.hold), and this request waits it out in the host's queue like the others: a
+        Retry-After always (the host asked), a backoff (our guess) only while this request retries on it."""
         while True:
             outcome = await self._request(target, call)
             if not isinstance(outcome, _Busy):
@@ -114,35 +118,49 @@ class ImageFetcher:
             wait = outcome.wait
             if wait is None:
                 wait = backoff(self._settings.fetch_retries - call.retries_left)
+            if outcome.wait is not None or (call.retries_left > 0 and wait <= call.budget):
+                self._limits.hold(target.host or "", wait)
             message = f"Image URL answered HTTP {outcome.status}"
             if call.retries_left <= 0:
                 raise errors.ImageHttpError(message, http_status=outcome.status)
-            if asyncio.get_running_loop().time() + wait > call.deadline:
+            if wait > call.budget:
                 raise errors.ImageHttpError(f"{message}, asking to wait {wait:g} s: past the download's "
                                             f"{self._settings.fetch_timeout:g} s", http_status=outcome.status)
             call.retries_left -= 1
+            call.budget -= wait
             self._metrics.fetch_retries.labels(str(outcome.status)).inc()
-            await asyncio.sleep(wait)
 
     async def _request(self, target: URL, call: _Call) -> bytes | URL | _Busy:
-        """One HTTP request within its host's limits: the body, a redirect's next URL, or a busy answer."""
-        assert self._session is not None, "fetcher used outside its context"
-        host = target.host or ""
-        headers = self._headers.for_host(host)
+        """One HTTP request, sent once its host's limits let it (the wait bounded by job_timeout) and bounded by
+        what is left of fetch_timeout from then: the body, a redirect's next URL, or a busy answer."""
+        headers = self._headers.for_url(target)
         if call.accept is not None:
             headers["Accept"] = call.accept
+        async with self._limits.slot(target.host or "", call.queue_deadline):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                async with asyncio.timeout(call.budget):
+                    return await self._exchange(target, headers, call.cap)
+            except TimeoutError:
+                raise errors.ImageTimeout(
+                    f"Image download took longer than {self._settings.fetch_timeout:g} s"
+                ) from None
+            finally:
+                call.budget -= loop.time() - started
+
+    async def _exchange(self, target: URL, headers: CIMultiDict[str], cap: int) -> bytes | URL | _Busy:
+        """The request itself, its failures named."""
+        assert self._session is not None, "fetcher used outside its context"
         try:
-            async with (
-                self._limits.slot(host),
-                self._session.get(target, allow_redirects=False, headers=headers) as resp,
-            ):
+            async with self._session.get(target, allow_redirects=False, headers=headers) as resp:
                 if resp.status in REDIRECTS and "Location" in resp.headers:
                     return target.join(URL(resp.headers["Location"]))
                 if resp.status in RETRIED:
                     return _Busy(resp.status, retry_after(resp.headers.get("Retry-After")))
                 if resp.status >= 400:
                     raise errors.ImageHttpError(f"Image URL answered HTTP {resp.status}", http_status=resp.status)
-                return await self._read(resp, call.cap)
+                return await self._read(resp, cap)
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, BlockedAddress):
                 raise errors.PrivateAddress(

@@ -44,7 +44,7 @@ class Seen:
 
 @dataclass
 class Recorder:
-    """A loopback image host. /img/K: the picture; /slow/K: after 0.2 s; /stream/K: chunked, no length;
+    """A loopback image host. /img/K: the picture; /slow/K: after 0.2 s (or ?for=S); /stream/K: chunked, no length;
     /hop/K: a 302 to ?to= or to /img/K; /busy/K: the answers scripted for it, then the picture."""
 
     seen: list[Seen] = field(default_factory=list)
@@ -79,7 +79,7 @@ class Recorder:
             status, headers = self.script[request.path].pop(0)
             return web.Response(status=status, headers=headers, text="busy")
         if kind == "slow":
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(float(request.query.get("for", "0.2")))
         if kind == "stream":
             resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
             resp.enable_chunked_encoding()
@@ -266,3 +266,121 @@ def test_retry_after_reads_seconds_and_dates() -> None:
     assert email.utils.formatdate(now).endswith("-0000")  # a naive datetime once parsed: taken as GMT
     assert 59 <= (retry_after(email.utils.formatdate(now + 60), now) or 0) <= 60
     assert retry_after(None) is None and retry_after("soon") is None and retry_after("１２") is None
+
+
+async def test_waiting_for_a_busy_host_is_not_charged_to_the_download(site: tuple[Recorder, int],
+                                                                     tmp_path: Path) -> None:
+    rec, port = site
+    async with fetcher(tmp_path, fetch_timeout=0.8) as f:  # fetch_per_host 8: 4 rounds of 0.3 s, 1.2 s in all
+        urls = [f"http://127.0.0.1:{port}/slow/q{i}?for=0.3" for i in range(32)]
+        results = await asyncio.gather(*(f.fetch(u) for u in urls), return_exceptions=True)
+    assert all(r == BODY for r in results), Counter(type(r).__name__ for r in results)
+    assert rec.peak["127.0.0.1"] == 8
+
+
+@pytest.mark.parametrize("queue", [{"fetch_host_rate": 10.0}, {"fetch_per_host": 2}])
+async def test_an_idle_host_is_not_delayed_by_another_hosts_queue(site: tuple[Recorder, int], tmp_path: Path,
+                                                                 queue: dict[str, Any]) -> None:
+    rec, port = site
+    async with fetcher(tmp_path, fetch_concurrency=4, **queue) as f:
+        queued = [asyncio.create_task(f.fetch(f"http://127.0.0.1:{port}/slow/busy{i}?for=0.1")) for i in range(20)]
+        try:
+            await asyncio.sleep(0.15)
+            start = clock()
+            assert await f.fetch(f"http://localhost:{port}/img/idle") == BODY
+            assert clock() - start < 0.3
+            assert all(b == BODY for b in await asyncio.gather(*queued))
+        finally:
+            for task in queued:
+                task.cancel()
+            await asyncio.gather(*queued, return_exceptions=True)
+
+
+async def test_fetch_concurrency_still_bounds_the_downloads_running(site: tuple[Recorder, int],
+                                                                   tmp_path: Path) -> None:
+    rec, port = site
+    async with fetcher(tmp_path, fetch_concurrency=3, fetch_per_host=0) as f:
+        urls = [f"http://{h}:{port}/slow/all{h}{i}?for=0.1" for h in ("127.0.0.1", "localhost") for i in range(6)]
+        assert all(b == BODY for b in await asyncio.gather(*(f.fetch(u) for u in urls)))
+    assert rec.peak_all == 3
+
+
+async def test_a_rate_limited_queue_waits_within_job_timeout(site: tuple[Recorder, int], tmp_path: Path) -> None:
+    rec, port = site
+    async with fetcher(tmp_path, fetch_host_rate=20.0, fetch_timeout=0.5, job_timeout=5.0) as f:
+        start = clock()
+        results = await asyncio.gather(*(f.fetch(f"http://127.0.0.1:{port}/img/rate{i}") for i in range(40)),
+                                       return_exceptions=True)
+    assert all(r == BODY for r in results), Counter(type(r).__name__ for r in results)
+    arrivals = sorted(s.at for s in rec.seen)
+    assert 1.9 <= arrivals[-1] - start < 4 and min(b - a for a, b in zip(arrivals, arrivals[1:])) >= 0.045
+
+
+async def test_a_queue_past_job_timeout_fails_with_a_clear_error(site: tuple[Recorder, int], tmp_path: Path) -> None:
+    rec, port = site
+    async with fetcher(tmp_path, fetch_host_rate=2.0, job_timeout=0.8) as f:  # turns at 0, 0.5, 1.0, ...
+        start = clock()
+        results = await asyncio.gather(*(f.fetch(f"http://127.0.0.1:{port}/img/late{i}") for i in range(6)),
+                                       return_exceptions=True)
+        assert clock() - start < 1.2  # a turn that comes too late fails when that is known, not at its time
+    assert [r == BODY for r in results] == [True, True, False, False, False, False] and len(rec.seen) == 2
+    for r in results[2:]:
+        assert isinstance(r, errors.ImageTimeout) and "its turn at 127.0.0.1" in r.message, r
+    async with fetcher(tmp_path, fetch_per_host=1, job_timeout=0.8) as f:  # the host's one slot: free at 0.5, 1.0
+        results = await asyncio.gather(*(f.fetch(f"http://127.0.0.1:{port}/slow/one{i}?for=0.5") for i in range(3)),
+                                       return_exceptions=True)
+    assert results[:2] == [BODY, BODY] and isinstance(results[2], errors.ImageTimeout), results[2]
+    assert "its turn at 127.0.0.1" in results[2].message
+
+
+async def test_a_cancelled_waiter_gives_its_rate_turn_back(site: tuple[Recorder, int], tmp_path: Path) -> None:
+    rec, port = site
+    async with fetcher(tmp_path, fetch_host_rate=2.0) as f:  # one request each 0.5 s
+        assert await f.fetch(f"http://127.0.0.1:{port}/img/first") == BODY
+        waiter = asyncio.create_task(f.fetch(f"http://127.0.0.1:{port}/img/cancelled"))
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.sleep(0.5)  # the first request's interval has passed; the cancelled one took no turn
+        start = clock()
+        assert await f.fetch(f"http://127.0.0.1:{port}/img/next") == BODY
+        assert clock() - start < 0.2
+    assert not rec.at("/img/cancelled")
+
+
+async def test_retry_after_holds_back_the_hosts_other_requests(site: tuple[Recorder, int], tmp_path: Path) -> None:
+    rec, port = site
+    rec.script["/busy/hold"] = [(429, {"Retry-After": "1"})]
+    async with fetcher(tmp_path, fetch_timeout=5.0) as f:
+        busy = asyncio.create_task(f.fetch(f"http://127.0.0.1:{port}/busy/hold"))
+        try:
+            while not rec.at("/busy/hold"):
+                await asyncio.sleep(0.01)
+            answered = rec.at("/busy/hold")[0].at
+            await asyncio.sleep(0.1)
+            others = [f.fetch(f"http://127.0.0.1:{port}/img/held{i}") for i in range(3)]
+            results = await asyncio.gather(f.fetch(f"http://localhost:{port}/img/free"), *others, busy)
+        finally:
+            busy.cancel()
+            await asyncio.gather(busy, return_exceptions=True)
+    assert all(b == BODY for b in results)
+    assert rec.at("/img/free")[0].at - answered < 0.3  # another host is not held
+    for path in ("/img/held0", "/img/held1", "/img/held2"):
+        assert rec.at(path)[0].at - answered >= 0.9, path
+    assert rec.at("/busy/hold")[1].at - answered >= 0.9
+
+
+def test_credentials_never_go_over_plain_http_to_another_machine(caplog: pytest.LogCaptureFixture) -> None:
+    spec = {"*.example.org, localhost, 127.0.0.1, ::1": {"Authorization": "Bearer t", "cookie": "c=1",
+                                                          "Proxy-Authorization": "p", "X-Key": "k"}}
+    headers = HostHeaders(json.dumps(spec))
+    full = {"Authorization": "Bearer t", "cookie": "c=1", "Proxy-Authorization": "p", "X-Key": "k"}
+    with caplog.at_level("WARNING", logger="idios.hostlimits"):
+        assert dict(headers.for_url(URL("http://iiif.example.org/a.jpg"))) == {"X-Key": "k"}
+        assert dict(headers.for_url(URL("http://iiif.example.org/b.jpg"))) == {"X-Key": "k"}
+        assert dict(headers.for_url(URL("http://other.example.org/c.jpg"))) == {"X-Key": "k"}
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "iiif.example.org" in warned[0] and "Authorization" in warned[0], warned
+    for url in ("https://iiif.example.org/a.jpg", "http://localhost:8080/a", "http://127.0.0.1/a", "http://[::1]/a"):
+        assert dict(headers.for_url(URL(url))) == full, url
