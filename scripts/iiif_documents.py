@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from service_client import dumps
@@ -17,6 +18,40 @@ METADATA_BUDGET = 32 * 1024  # UTF-8 bytes of one record's metadata JSON, well u
 IMAGE_SERVICE_TYPES = frozenset({"ImageService1", "ImageService2", "ImageService3"})
 TAG = re.compile(r"<[^<>]*>")
 BREAK = re.compile(r"<(?:br|/p|/div|/li|/h\d)\b[^<>]*>", re.IGNORECASE)
+
+# --- the key the service stores an image url under ------------------------------------------------------------------
+# A copy of idios/iiif.py's IMAGE_REQUEST, INFO_URL and canonical() (with _normal_base): this client runs where only
+# requirements/tools.txt is installed, without the service's package. tests/test_iiif_ingest.py holds the copy equal
+# to idios.iiif.canonical; change both together.
+_REGION = r"full|square|\d+,\d+,\d+,\d+|pct:\d+(?:\.\d+)?,\d+(?:\.\d+)?,\d+(?:\.\d+)?,\d+(?:\.\d+)?"
+_SIZE = r"full|\^?max|\^?\d+,|\^?,\d+|\^?!?\d+,\d+|\^?pct:\d+(?:\.\d+)?"
+_ROTATION = r"!?\d+(?:\.\d+)?"
+_QUALITY = r"default|color|gray|bitonal|native|grey|colour"
+_FORMAT = r"jpg|jpeg|png|gif|webp|tif|tiff|jp2|pdf"
+_BASE = r"(?P<base>[hH][tT][tT][pP][sS]?://[^/?#]+/[^?#]*[^/?#])"
+_QUERY = r"(?P<query>\?[^#]*)?"
+IMAGE_REQUEST = re.compile(
+    rf"^{_BASE}/(?P<region>{_REGION})/(?P<size>{_SIZE})/"
+    rf"(?P<rotation>{_ROTATION})/(?P<quality>{_QUALITY})\.(?P<format>{_FORMAT}){_QUERY}$", re.ASCII)
+INFO_URL = re.compile(rf"^{_BASE}/info\.json{_QUERY}$", re.ASCII)
+
+
+def _normal_base(base: str) -> str:
+    scheme, rest = base.split("://", 1)
+    host, _, path = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}/{path}"
+
+
+def canonical(url: str) -> str:
+    """The key the service stores `url` under: a IIIF image request with its size as `max`, an info.json url as
+    its full image (scheme and host in lower case, a query kept), any other url as it is. The service answers
+    add_bulk in these keys."""
+    if m := IMAGE_REQUEST.match(url):
+        return (f"{_normal_base(m['base'])}/{m['region']}/max/{m['rotation']}/{m['quality']}.{m['format']}"
+                f"{m['query'] or ''}")
+    if m := INFO_URL.match(url):
+        return f"{_normal_base(m['base'])}/full/max/0/default.jpg{m['query'] or ''}"
+    return url
 
 
 def choose_language(keys: list[str], language: str) -> str:
@@ -94,17 +129,35 @@ def doc_id(doc: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def types(obj: dict[str, Any], *keys: str) -> list[str]:
+    """The types (or motivations) `obj` gives under the first of `keys` it has: JSON-LD allows one value or a list
+    of them (`"@type": ["ImageService2"]`); anything but a string is ignored."""
+    for key in keys:
+        if key in obj:
+            value = obj[key]
+            return [t for t in (value if isinstance(value, list) else [value]) if isinstance(t, str)]
+    return []
+
+
+def is_a(obj: dict[str, Any], key: str, name: str, absent: bool = False) -> bool:
+    """Whether `obj` gives `name` among its `key` values; `absent` when it has no `key` at all."""
+    return name in types(obj, key) if key in obj else absent
+
+
+def first_of(kinds: list[str], wanted: tuple[str, ...]) -> str | None:
+    return next((k for k in kinds if k in wanted), None)
+
+
 def classify(doc: Any, hint: str | None = None) -> tuple[str, int] | None:
     """("Manifest" or "Collection", Presentation major version), or None for a document that is neither.
     `hint` is what the list holding an embedded v2 member says it is (`manifests`, `collections`)."""
     if not isinstance(doc, dict):
         return None
-    if doc.get("type") in ("Manifest", "Collection"):
-        return str(doc["type"]), 3
-    kind = doc.get("@type")
-    if kind in ("sc:Manifest", "sc:Collection"):
-        return str(kind)[3:], 2
-    if kind is None and hint is not None and "@id" in doc:
+    if kind := first_of(types(doc, "type"), ("Manifest", "Collection")):
+        return kind, 3
+    if kind := first_of(types(doc, "@type"), ("sc:Manifest", "sc:Collection")):
+        return kind[3:], 2
+    if doc.get("@type") is None and hint is not None and "@id" in doc:
         return hint, 2
     return None
 
@@ -113,10 +166,10 @@ def is_image_service(entry: Any) -> bool:
     """An Image API service (not an auth or search service) of a painted image."""
     if not isinstance(entry, dict):
         return False
-    kind = entry.get("type", entry.get("@type"))
-    if kind in IMAGE_SERVICE_TYPES:
+    kinds = types(entry, "type", "@type")
+    if any(k in IMAGE_SERVICE_TYPES for k in kinds):
         return True
-    if isinstance(kind, str) and kind not in ("", "iiif:ImageProfile"):
+    if any(k not in ("", "iiif:ImageProfile") for k in kinds):
         return False
     profile = next(iter(entry["profile"]), None) if isinstance(entry.get("profile"), list) else entry.get("profile")
     context = entry.get("@context")
@@ -125,13 +178,23 @@ def is_image_service(entry: Any) -> bool:
 
 
 def image_target(resource: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(the url to store, the image service id): the service's full image when there is a service, else the
+    """(the url to store, the image service's base): the service's full image when there is a service, else the
     resource's own id."""
     for entry in as_list(resource.get("service")):
         service = doc_id(entry) if is_image_service(entry) else None
-        if service:
-            return f"{service.rstrip('/')}/full/max/0/default.jpg", service
+        base, query = service_base(service) if service else ("", "")
+        if base:
+            return f"{base}/full/max/0/default.jpg{query}", base + query
     return doc_id(resource), None
+
+
+def service_base(service: str) -> tuple[str, str]:
+    """(base, query) of an image service id: published ids may end in `/info.json` or a slash, neither part of the
+    base; a query string (an access token) goes after the path built on the base, as the service keeps it
+    (idios/iiif.py `bare`); a fragment is dropped."""
+    path, sep, query = service.split("#", 1)[0].partition("?")
+    path = path.rstrip("/").removesuffix("/info.json").rstrip("/")
+    return path, sep + query
 
 
 def painted_v3(canvas: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -139,15 +202,14 @@ def painted_v3(canvas: dict[str, Any]) -> Iterator[dict[str, Any]]:
     gives its first item (the default one); a SpecificResource its source; sound, video and text are skipped."""
     for page in as_list(canvas.get("items")):
         for anno in as_list(page.get("items")):
-            motivation = anno.get("motivation", "painting")
-            if "painting" not in (motivation if isinstance(motivation, list) else [motivation]):
+            if not is_a(anno, "motivation", "painting", absent=True):
                 continue
             for body in as_list(anno.get("body")):
-                if body.get("type") == "Choice":
+                if is_a(body, "type", "Choice"):
                     body = next(iter(as_list(body.get("items"))), {})
-                if body.get("type") == "SpecificResource" and isinstance(body.get("source"), dict):
+                if is_a(body, "type", "SpecificResource") and isinstance(body.get("source"), dict):
                     body = body["source"]
-                if body.get("type") == "Image" or any(is_image_service(s) for s in as_list(body.get("service"))):
+                if is_a(body, "type", "Image") or any(is_image_service(s) for s in as_list(body.get("service"))):
                     yield body
 
 
@@ -155,14 +217,14 @@ def painted_v2(canvas: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The images of a v2 canvas: images -> annotation (sc:painting) -> resource; oa:Choice gives its default,
     oa:SpecificResource its full image."""
     for anno in as_list(canvas.get("images")):
-        if anno.get("motivation", "sc:painting") != "sc:painting":
+        if not is_a(anno, "motivation", "sc:painting", absent=True):
             continue
         resource = anno.get("resource")
-        if isinstance(resource, dict) and resource.get("@type") == "oa:Choice":
+        if isinstance(resource, dict) and is_a(resource, "@type", "oa:Choice"):
             resource = resource.get("default", next(iter(as_list(resource.get("item"))), None))
-        if isinstance(resource, dict) and resource.get("@type") == "oa:SpecificResource":
+        if isinstance(resource, dict) and is_a(resource, "@type", "oa:SpecificResource"):
             resource = resource.get("full")
-        if isinstance(resource, dict) and resource.get("@type", "dctypes:Image") == "dctypes:Image":
+        if isinstance(resource, dict) and is_a(resource, "@type", "dctypes:Image", absent=True):
             yield resource
 
 
@@ -187,22 +249,48 @@ def canvases(doc: dict[str, Any], version: int) -> list[Any]:
     """A manifest's canvases in order: v3 items; v2 the first sequence's (the default order; further sequences
     list the same canvases again)."""
     if version == 3:
-        return [c for c in as_list(doc.get("items")) if c.get("type", "Canvas") == "Canvas"]
+        return [c for c in as_list(doc.get("items")) if is_a(c, "type", "Canvas", absent=True)]
     sequence = next(iter(as_list(doc.get("sequences"))), {})
     return as_list(sequence.get("canvases"))
 
 
-def manifest_images(doc: dict[str, Any], version: int, language: str) -> Iterator[tuple[str | None, dict[str, Any]]]:
-    """(url, metadata) of every painted image, canvas by canvas; url None for an image without any id."""
+@dataclass(frozen=True)
+class Painted:
+    """One record of a manifest: a painted image (its url and metadata), or, with `problem` set, an image without
+    an id or a canvas that could not be read."""
+
+    url: str | None
+    metadata: dict[str, Any]
+    problem: str | None = None
+    kind: str = "iiif_bad_image"
+
+
+def manifest_images(doc: dict[str, Any], version: int, language: str) -> Iterator[Painted]:
+    """Every painted image, canvas by canvas. A canvas that cannot be read is one record with its problem (type
+    iiif_bad_canvas) and the canvases after it are read as usual: one odd canvas does not cost a manifest."""
     base = manifest_fields(doc, version, language)
-    painted = painted_v3 if version == 3 else painted_v2
     for index, canvas in enumerate(canvases(doc, version)):
-        label = flatten(canvas.get("label"), language)
-        for resource in painted(canvas):
-            url, service = image_target(resource)
-            meta = {**base, "iiif_canvas": doc_id(canvas), "canvas_index": index, "label": label,
-                    "iiif_service": service}
-            yield url, bounded({k: clip(v) if isinstance(v, str) else v for k, v in meta.items() if v is not None})
+        try:
+            found = list(canvas_images(canvas, index, version, base, language))
+        except (AttributeError, TypeError, KeyError, ValueError, RecursionError) as exc:
+            found = [Painted(None, record_metadata(base, canvas, index), f"canvas {index} cannot be read: {exc!r}",
+                             "iiif_bad_canvas")]
+        yield from found
+
+
+def canvas_images(canvas: dict[str, Any], index: int, version: int, base: dict[str, Any],
+                  language: str) -> Iterator[Painted]:
+    label = flatten(canvas.get("label"), language)
+    for resource in (painted_v3 if version == 3 else painted_v2)(canvas):
+        url, service = image_target(resource)
+        meta = record_metadata(base, canvas, index, label=label, iiif_service=service)
+        yield Painted(url, meta) if url else Painted(None, meta, "a painted image without an id")
+
+
+def record_metadata(base: dict[str, Any], canvas: dict[str, Any], index: int, **more: Any) -> dict[str, Any]:
+    """A record's metadata: the manifest's fields, the canvas's, `more`; strings clipped, the whole bounded."""
+    meta = {**base, "iiif_canvas": doc_id(canvas), "canvas_index": index, **more}
+    return bounded({k: clip(v) if isinstance(v, str) else v for k, v in meta.items() if v is not None})
 
 
 def members(doc: dict[str, Any], version: int) -> Iterator[tuple[Any, str | None]]:
@@ -211,7 +299,7 @@ def members(doc: dict[str, Any], version: int) -> Iterator[tuple[Any, str | None
     if version == 3:
         items = doc.get("items")
         for item in items if isinstance(items, list) else []:
-            if not isinstance(item, dict) or item.get("type") in ("Manifest", "Collection"):
+            if not isinstance(item, dict) or first_of(types(item, "type"), ("Manifest", "Collection")):
                 yield item, None
         return
     hints = {"collections": "Collection", "manifests": "Manifest", "members": None}

@@ -8,7 +8,10 @@ manifest_label, and when present rights, required_statement and iiif_service.
 
 Every document that cannot be used (HTTP error, timeout, not JSON, not IIIF, too large, over the limits) becomes
 one record with `problem` set and the document's url, so it lands in the failed file; the walk goes on.
-Positions count records from 0 in walk order (a failed document takes one), so an unchanged input resumes.
+Positions count records from 0 in walk order (a failed document takes one): they change when a document fails
+on one run and not on another, so they do not say what is done. Each record of a manifest has a `key` that does:
+(the manifest's url as the walk reached it, the record's index among that manifest's records). A failed document
+has no key: it is not done, and the next run fetches it again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from iiif_documents import bounded, classify, doc_id, embedded, manifest_images, members
+from iiif_documents import classify, doc_id, embedded, manifest_images, members
 from ingest_input import Record
 from service_client import RETRY_STATUSES, backoff, loads, say
 
@@ -154,8 +157,8 @@ class Walker:
         self.failed = 0
 
     def _record(self, url: str | None, metadata: dict[str, Any] | None = None, problem: str | None = None,
-                kind: str = "input_error") -> Record:
-        rec = Record(self._position, url, metadata, problem, kind)
+                kind: str = "input_error", key: tuple[str, int] | None = None) -> Record:
+        rec = Record(self._position, url, metadata, problem, kind, key)
         self._position += 1
         return rec
 
@@ -225,13 +228,12 @@ class Walker:
                     yield rec
 
     def _manifest(self, doc: dict[str, Any], version: int, where: str, parent: str | None) -> Iterator[Record]:
+        """The manifest's records, each keyed by (`where`, its index); a canvas that cannot be read is one record
+        of its own (iiif_documents.manifest_images), so only what every canvas shares can fail the rest."""
         try:
-            for url, metadata in manifest_images(doc, version, self._options.language):
-                if url is None:
-                    yield self._record(None, metadata, "a painted image without an id", "iiif_bad_image")
-                else:
-                    yield self._record(url, metadata)
-        except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a malformed manifest: the rest is lost
+            for index, painted in enumerate(manifest_images(doc, version, self._options.language)):
+                yield self._record(painted.url, painted.metadata, painted.problem, painted.kind, (where, index))
+        except (AttributeError, TypeError, KeyError, ValueError, RecursionError) as exc:
             yield self._failed(where, "iiif_not_iiif", f"malformed manifest, read up to here: {exc!r}", parent)
 
     async def _member(self, member: Any, hint: str | None, version: int, parent: str,

@@ -21,13 +21,16 @@ DUMP_PAGE = 1000  # rows per dump request of --from-model: ~1.1 MB of base64 at 
 @dataclass(frozen=True)
 class Record:
     """One input record. `position` counts records from 0; `problem` is set when it cannot be sent, and
-    `problem_type` is then the failed file's type for it."""
+    `problem_type` is then the failed file's type for it. `key` is what a IIIF walk's record is done as, stable
+    across runs where positions are not: (document url, index in that document); None for other input and for a
+    document that failed."""
 
     position: int
     url: str | None
     metadata: dict[str, Any] | None = None
     problem: str | None = None
     problem_type: str = "input_error"
+    key: tuple[str, int] | None = None
 
     def item(self) -> dict[str, Any]:
         """The add_bulk item for this record."""

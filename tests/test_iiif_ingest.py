@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from iiif_prezi3 import (
     ServiceV3,
 )
 
+from idios import iiif
 from tests.conftest import ROOT, Service, make_settings, running_service
 from tests.servers import serving
 
 import bulk_ingest  # noqa: E402  (scripts/, on sys.path via conftest)
+import iiif_documents  # noqa: E402
 from iiif_reference import ReferenceServer, reference_server  # noqa: E402
-from iiif_walk import ACCEPT, WalkOptions, iiif_records  # noqa: E402
+from iiif_walk import ACCEPT, WalkOptions, iiif_records, url_stem  # noqa: E402
 from ingest_input import Record  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -196,13 +199,16 @@ def v2_manifest(site: DocSite, ref: ReferenceServer, name: str) -> tuple[str, di
     return mid, images
 
 
-def small_manifest(site: DocSite, name: str, canvases: int = 1) -> tuple[str, dict[str, Any]]:
-    """A 3.0 manifest (iiif_prezi3) of plain image urls, not served: (its url, its JSON)."""
+def small_manifest(site: DocSite, name: str, canvases: int = 1,
+                   images: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A 3.0 manifest (iiif_prezi3) of plain image urls (on `images`, else on the site, which does not serve
+    them), not served: (its url, its JSON)."""
     mid = f"{site.url}/{name}.json"
     manifest = Manifest(id=mid, label=name)
     for i in range(canvases):
         canvas = manifest.make_canvas(id=f"{mid}/c{i}", label=f"{name} {i}", height=10, width=10)
-        canvas.add_image(f"{site.url}/img/{name}/{i}.jpg", anno_id=f"{mid}/a{i}", anno_page_id=f"{mid}/p{i}")
+        canvas.add_image(f"{images or site.url}/img/{name}/{i}.jpg", anno_id=f"{mid}/a{i}",
+                         anno_page_id=f"{mid}/p{i}")
     return mid, prezi(manifest)
 
 
@@ -398,7 +404,9 @@ async def test_bulk_ingest_stores_every_painted_image_and_resumes(
             8, 3, 4, 4, 1)
         asked = len(ref.requests())
         third = (await ingest(top, *common, cwd=tmp_path)).summary
-        assert (third["already_done"], third["sent"], len(ref.requests())) == (8, 0, asked)
+        # the missing manifest is not done: each run asks for it again and lists it again, once
+        assert (third["already_done"], third["sent"], third["failed"], len(ref.requests())) == (7, 0, 1, asked)
+        assert site.times(missing) == 2  # the first run stopped (--limit) before it
         assert await dump(svc) == expected
         failed = [json.loads(line) for f in tmp_path.glob("*.thumb_grid.failed.jsonl")
                   for line in f.read_text().splitlines()]
@@ -428,3 +436,215 @@ async def test_format_choices_are_checked_in_one_line(tmp_path: Path) -> None:
     assert [bulk_ingest.parse_args([str(f), "--model", "m"]).format for f in (page, manifest)] == ["auto", "iiif"]
     url = bulk_ingest.parse_args(["https://example.org/iiif/m.json", "--model", "m"])
     assert url.format == "iiif" and url.state.name.endswith(".m.state.jsonl") and "/" not in url.state.name
+
+
+# --- keys: what the client compares answers and --skip-existing by ------------------------------------------------
+
+
+def test_the_clients_copy_of_canonical_is_the_services() -> None:
+    base = "https://iiif.example.org/iiif/2/abc%2F123"
+    urls = [f"{base}/full/full/0/default.jpg", f"{base}/full/max/0/default.jpg", f"{base}/full/!800,800/0/default.jpg",
+            f"{base}/full/1024,/0/default.png", f"{base}/full/,600/90/gray.jpg", f"{base}/full/^max/!90/color.webp",
+            f"{base}/full/pct:50/0/default.jpg", f"{base}/full/^!900,900/0/native.jp2",
+            f"{base}/0,0,100,200/full/0/default.jpg", f"{base}/pct:10,10.5,50,50/300,/0/bitonal.tif",
+            f"{base}/square/max/0/default.gif", f"{base}/info.json", f"{base}/info.json?token=a%20b",
+            f"{base}/full/600,/0/default.jpg?token=t&x=1", "HTTPS://IIIF.Example.ORG/Path/X/full/full/0/default.jpg",
+            "https://iiif.example.org/i/full/full/0/default.jpg", f"{base}/full/full/0/default.jpg#xywh=0,0,1,1",
+            f"{base}/full/\u0661\u0660\u0660,/0/default.jpg",  # Arabic-Indic digits: not a size
+            f"{base}/full/full/0/default.bmp", f"{base}/full/full/0/default.jpg/", f"{base}/", base,
+            "https://example.org/photo.jpg", "https://example.org/full/full/0/default.jpg",
+            "ftp://example.org/a/full/full/0/default.jpg", "https://example.org/a/info.json/", "not a url", ""]
+    ours = [iiif_documents.canonical(u) for u in urls]
+    assert ours == [iiif.canonical(u) for u in urls]
+    assert sum(a != b for a, b in zip(urls, ours, strict=True)) >= 10  # the list does exercise the rewriting
+    assert len(set(ours[:3])) == 1 and ours[0] == f"{base}/full/max/0/default.jpg"
+
+
+@asynccontextmanager
+async def hanging_up() -> AsyncIterator[tuple[str, list[int]]]:
+    """A loopback server that closes every connection unanswered, so that fetching an image there fails as
+    image_unreachable (a failure that may pass, retried); the list counts the connections. Stopped on the way out."""
+    count = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        count[0] += 1
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", count
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture(scope="module")
+async def svc(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> AsyncIterator[Service]:
+    """The embedded service these tests share (each with urls of its own)."""
+    async with running_service(make_settings(tmp_path_factory.mktemp("iiif-svc"), models_dir)) as service:
+        yield service
+
+
+def args_for(svc: Service, *more: str) -> list[str]:
+    return ["--server", svc.url, "--model", "thumb_grid", "--retries", "1", "--backoff-max", "0.2", *more]
+
+
+def read_failed(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def test_iiif_urls_not_in_canonical_form_settle_by_their_key(
+    svc: Service, ref: ReferenceServer, images: str, uniq: str, tmp_path: Path
+) -> None:
+    coffee = ref.service("coffee", "2.1")
+    region = f"{coffee}/0,0,1200,900"
+    async with hanging_up() as (closed, connections):
+        listed = [f"{region}/full/0/default.jpg",  # stored under .../0,0,1200,900/max/0/default.jpg
+                  f"{region}/!500,500/0/default.jpg",  # the same image, in the same batch
+                  f"{images}/missing/{uniq}/full/full/0/default.jpg",  # image_http_error, answered by its key
+                  f"{closed}/iiif/{uniq}/full/600,/0/default.jpg"]  # image_unreachable: retried, then failed
+        path = tmp_path / "list.txt"
+        path.write_text("\n".join(listed) + "\n")
+        once = tmp_path / "once.txt"
+        once.write_text(f"{closed}/iiif/{uniq}-once/full/!300,300/0/default.jpg\n")
+        assert (await ingest(once, *args_for(svc, "--item-retries", "0"), cwd=tmp_path)).summary["failed"] == 1
+        per_try = connections[0]
+        s = (await ingest(path, *args_for(svc, "--item-retries", "2", "--batch", "4"), cwd=tmp_path)).summary
+        assert (s["records"], s["sent"], s["added"], s["duplicates"], s["failed"]) == (4, 3, 1, 1, 2), s
+        assert per_try >= 1 and connections[0] == per_try * 4  # the first try and 2 more, as --item-retries says
+    failed = read_failed(Path(f"{path}.thumb_grid.failed.jsonl"))
+    assert sorted((f["position"], f["url"], f["type"]) for f in failed) == [
+        (2, listed[2], "image_http_error"), (3, listed[3], "image_unreachable")]
+    state = [json.loads(line) for line in Path(f"{path}.thumb_grid.state.jsonl").read_text().splitlines()]
+    assert "done" not in state[0] and [line["positions"] for line in state[1:]] == [[[0, 4]]]
+    async with svc.http.post(svc.model("thumb_grid") + "/urls", json={"limit": 1000}) as r:
+        assert f"{region}/max/0/default.jpg" in await r.json()
+    # --skip-existing: the stored image is not sent again under another size or a scheme in capitals
+    again = tmp_path / "again.txt"
+    again.write_text(f"{region}/1200,/0/default.jpg\n{region.replace('http://', 'HTTP://')}/max/0/default.jpg\n")
+    skip = (await ingest(again, *args_for(svc, "--no-state", "--skip-existing"), cwd=tmp_path)).summary
+    assert (skip["records"], skip["sent"], skip["found"], skip["failed"]) == (2, 0, 2, 0), skip
+
+
+# --- resuming a walk ----------------------------------------------------------------------------------------------
+
+
+def three_manifests(site: DocSite, images: str, name: str) -> tuple[str, list[str]]:
+    """A collection (served) of three manifests of three images each (served; the images by `images`)."""
+    top = f"{site.url}/{name}/top.json"
+    collection = Collection(id=top, label=name)
+    mids = []
+    for m in range(3):
+        mid, doc = small_manifest(site, f"{name}/m{m}", canvases=3, images=images)
+        site.put(f"/{name}/m{m}.json", doc)
+        collection.make_manifest(id=mid, label=f"m{m}")
+        mids.append(mid)
+    site.put(f"/{name}/top.json", prezi(collection))
+    return top, mids
+
+
+async def stored_under(svc: Service, prefix: str) -> list[str]:
+    async with svc.http.post(svc.model("thumb_grid") + "/urls", json={"limit": 10000}) as r:
+        assert r.status == 200, await r.text()
+        return [u for u in await r.json() if u.startswith(prefix)]
+
+
+async def test_a_document_that_fails_on_one_run_shifts_nothing_on_the_next(
+    svc: Service, site: DocSite, images: str, uniq: str, tmp_path: Path
+) -> None:
+    common = args_for(svc, "--batch", "2", "--iiif-timeout", "0.5")
+    # as reported: a run stops after m0 and m1; on the next m1 times out; m2's images must all be sent
+    top, (m0, m1, m2) = three_manifests(site, images, f"resume-a-{uniq}")
+    failed_file = tmp_path / f"{url_stem(top)}.thumb_grid.failed.jsonl"
+    first = (await ingest(top, *common, "--limit", "6", cwd=tmp_path)).summary
+    assert (first["records"], first["added"]) == (6, 6)
+    site.put(f"/resume-a-{uniq}/m1.json", json.loads(site.answers[f"/resume-a-{uniq}/m1.json"].body), delay=1.0)
+    second = (await ingest(top, *common, cwd=tmp_path)).summary
+    assert (second["records"], second["already_done"], second["sent"], second["added"], second["failed"]) == (
+        7, 3, 3, 3, 1), second
+    assert len(await stored_under(svc, f"{images}/img/resume-a-{uniq}/")) == 9
+    # the timeout is listed on the run where it happened, though the manifest's images were done before
+    assert [(f["position"], f["url"], f["type"]) for f in read_failed(failed_file)] == [(3, m1, "iiif_timeout")]
+    site.answers[f"/resume-a-{uniq}/m1.json"].delay = 0
+    third = (await ingest(top, *common, cwd=tmp_path)).summary
+    assert (third["records"], third["already_done"], third["sent"], third["failed"]) == (9, 9, 0, 0), third
+    assert read_failed(failed_file) == []  # m1 is read now: its failure is gone with it
+    # a manifest that fails is not done: the next run fetches it and sends its images
+    top, (b0, b1, b2) = three_manifests(site, images, f"resume-b-{uniq}")
+    failed_file = tmp_path / f"{url_stem(top)}.thumb_grid.failed.jsonl"
+    kept = site.answers.pop(f"/resume-b-{uniq}/m1.json")
+    first = (await ingest(top, *common, cwd=tmp_path)).summary
+    assert (first["records"], first["added"], first["failed"]) == (7, 6, 1), first
+    assert [(f["position"], f["url"], f["type"]) for f in read_failed(failed_file)] == [(3, b1, "iiif_http_error")]
+    site.answers[f"/resume-b-{uniq}/m1.json"] = kept
+    second = (await ingest(top, *common, cwd=tmp_path)).summary
+    assert (second["records"], second["already_done"], second["sent"], second["added"], second["found"]) == (
+        9, 6, 3, 3, 0), second
+    assert read_failed(failed_file) == []
+    assert sorted(await stored_under(svc, f"{images}/img/resume-b-{uniq}/")) == sorted(
+        f"{images}/img/resume-b-{uniq}/m{m}/{i}.jpg" for m in range(3) for i in range(3))
+    state_file = tmp_path / f"{url_stem(top)}.thumb_grid.state.jsonl"
+    state = [json.loads(line) for line in state_file.read_text().splitlines()]
+    assert state[0]["done"] == "iiif_documents"
+    done: dict[str, list[int]] = {}
+    for line in state[1:]:
+        for url, spans in line["documents"].items():
+            done.setdefault(url, []).extend(i for s, e in spans for i in range(s, e))
+    assert {url: sorted(indexes) for url, indexes in done.items()} == {b: [0, 1, 2] for b in (b0, b1, b2)}
+
+
+async def test_a_state_file_that_kept_a_walk_by_position_is_refused(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9/collection.json"
+    state = tmp_path / "old.state.jsonl"
+    state.write_text(json.dumps({"bulk_ingest": 1, "model": "m", "input": url}) + "\n"
+                     + json.dumps({"positions": [[0, 4]], "added": 4, "found": 0, "failed": 0}) + "\n")
+    res = await ingest(url, "--model", "m", "--state", state, "--server", "http://127.0.0.1:9", cwd=tmp_path)
+    assert res.rc == 2 and "by positions" in res.err and "another --state" in res.err, res.err
+
+
+# --- odd but valid documents --------------------------------------------------------------------------------------
+
+
+async def test_listed_types_and_service_ids_as_published(site: DocSite) -> None:
+    mid, svc = f"{site.url}/odd/v3.json", f"{site.url}/odd/iiif/a"
+
+    def canvas(i: int, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        anno = {"id": f"{mid}/a{i}", "type": "Annotation", "motivation": ["painting"], "body": body,
+                "target": f"{mid}/c{i}"}
+        return {"id": f"{mid}/c{i}", "type": "Canvas", "height": 10, "width": 10,
+                "items": [{"id": f"{mid}/p{i}", "type": "AnnotationPage", "items": [anno]}], **extra}
+
+    def image(i: int, service: dict[str, Any]) -> dict[str, Any]:
+        return {"id": f"{svc}{i}/full/full/0/default.jpg", "type": ["Image"], "service": [service]}
+
+    canvases = [
+        canvas(0, image(0, {"id": f"{svc}0/info.json", "type": ["ImageService3"], "profile": "level1"})),
+        canvas(1, image(1, {"@id": f"{svc}1/", "@type": ["ImageService2"],
+                            "profile": "http://iiif.io/api/image/2/level1.json"})),
+        canvas(2, image(2, {"id": f"{svc}2?token=t%3D1", "type": "ImageService3", "profile": "level2"})),
+        canvas(3, image(3, {"id": f"{svc}3/info.json?token=t", "type": ["ImageService3"]})),
+        canvas(4, {"id": f"{site.url}/odd/plain.jpg", "type": ["Image"]}, type=["Canvas"]),
+        canvas(5, image(5, {"id": f"{site.url}/odd/auth", "type": ["AuthCookieService1"]})),
+    ]
+    site.put("/odd/v3.json", {"@context": "http://iiif.io/api/presentation/3/context.json", "id": mid,
+                              "type": "Manifest", "label": {"en": ["odd"]}, "items": canvases})
+    records = await walk(mid)
+    assert [(r.url, r.problem) for r in records] == [
+        (full(f"{svc}0"), None), (full(f"{svc}1"), None), (f"{svc}2/full/max/0/default.jpg?token=t%3D1", None),
+        (f"{svc}3/full/max/0/default.jpg?token=t", None), (f"{site.url}/odd/plain.jpg", None),
+        (f"{svc}5/full/full/0/default.jpg", None)]  # an auth service is no image service: the image's own id
+    assert [r.metadata.get("iiif_service") if r.metadata else None for r in records] == [
+        f"{svc}0", f"{svc}1", f"{svc}2?token=t%3D1", f"{svc}3?token=t", None, None]
+    assert [r.key for r in records] == [(mid, i) for i in range(6)]
+    # a url built on a service is what the service stores it under, however the manifest spells the service's id
+    assert all(iiif.canonical(str(r.url)) == r.url for r in records[:4])
+    v2 = f"{site.url}/odd/v2.json"
+    resource = {"@id": f"{svc}9/full/full/0/default.jpg", "@type": ["dctypes:Image"],
+                "service": {"@id": f"{svc}9/info.json", "@type": ["ImageService2"]}}
+    site.put("/odd/v2.json", {"@context": "http://iiif.io/api/presentation/2/context.json", "@id": v2,
+                              "@type": ["sc:Manifest"], "label": "odd v2", "sequences": [{"canvases": [
+                                  {"@id": f"{v2}/c{i}", "@type": "sc:Canvas", "images": [
+                                      {"@type": "oa:Annotation", "motivation": ["sc:painting"], "resource": resource}]}
+                                  for i in range(2)]}]})
+    assert urls_of(await walk(v2)) == [full(f"{svc}9")] * 2
