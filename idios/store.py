@@ -234,25 +234,38 @@ class CollectionStore:
                                                  strict_float32=True, **self._consistency))
         return np.asarray(res[0]["embedding"], dtype=np.float32) if res else None
 
-    async def search(
-        self, model: str, vector: np.ndarray, limit: int, expr: str = "", min_similarity: float | None = None
-    ) -> list[Hit]:
-        name = self._collection(model)
-        if expr and self.index_kind != "FLAT":
-            exact = await self._filtered_exactly(name, vector, limit, expr)
-            if exact is not None:
-                return [h for h in exact if min_similarity is None or h.similarity >= min_similarity]
-        params: dict[str, Any] = {"metric_type": self._metric_types.get(name, METRIC)}
-        if self.index_kind == "HNSW":
-            params["params"] = {"ef": max(self._settings.search_ef, limit)}  # Milvus needs ef >= limit
-        res = await self._read(self.client.search(
-            name, data=[np.asarray(vector, dtype=np.float32).tolist()], limit=limit, filter=expr,
-            output_fields=["url", "metadata"], search_params=params, **self._consistency,
-        ))
-        hits = [Hit(self._url(h["entity"]["url"]), h["entity"].get("metadata"), similarity(h["distance"])) for h in res[0]]
+    async def search(self, model: str, vector: np.ndarray, limit: int, expr: str = "",
+                     min_similarity: float | None = None, offset: int = 0) -> list[Hit]:
+        """The `limit` best hits after the first `offset`, best first, ties in similarity ordered by url: so pages
+        concatenate to the unpaged answer. Milvus orders ties as it likes, so the hits tied with the last one
+        wanted are all fetched (up to PAGE_MAX) before the ordering."""
+        name, want = self._collection(model), offset + limit
+        fetch = want
+        hits = await self._ranked(name, vector, fetch, expr)
+        # a tie with the last hit wanted that reaches the last hit fetched may go on beyond it
+        while len(hits) == fetch < PAGE_MAX and hits[-1].similarity == hits[want - 1].similarity:
+            fetch = min(PAGE_MAX, 2 * fetch)
+            hits = await self._ranked(name, vector, fetch, expr)
+        hits.sort(key=lambda h: (-h.similarity, h.url))
         if min_similarity is not None:
             hits = [h for h in hits if h.similarity >= min_similarity]
-        return hits
+        return hits[offset:want]
+
+    async def _ranked(self, name: str, vector: np.ndarray, n: int, expr: str) -> list[Hit]:
+        """The best `n` rows for `vector` (those passing `expr`), best first."""
+        if expr and self.index_kind != "FLAT":
+            exact = await self._filtered_exactly(name, vector, n, expr)
+            if exact is not None:
+                return exact
+        params: dict[str, Any] = {"metric_type": self._metric_types.get(name, METRIC)}
+        if self.index_kind == "HNSW":
+            params["params"] = {"ef": max(self._settings.search_ef, n)}  # Milvus needs ef >= limit
+        res = await self._read(self.client.search(
+            name, data=[np.asarray(vector, dtype=np.float32).tolist()], limit=n, filter=expr,
+            output_fields=["url", "metadata"], search_params=params, **self._consistency,
+        ))
+        return [Hit(self._url(h["entity"]["url"]), h["entity"].get("metadata"), similarity(h["distance"]))
+                for h in res[0]]
 
     async def _filtered_exactly(self, name: str, vector: np.ndarray, limit: int, expr: str) -> list[Hit] | None:
         """A filter that few rows pass is answered exactly: those rows are read and ranked here. An index with a

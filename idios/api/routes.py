@@ -293,7 +293,7 @@ async def search(request: web.Request) -> web.Response:
         vector = await texts[spec.name].embed(req.text)
     else:
         return json_response({"detail": "Either 'text' or 'url' must be provided."}, status=422)
-    hits = await store.search(spec.name, vector, req.limit, expr, req.min_similarity)
+    hits = await store.search(spec.name, vector, req.limit, expr, req.min_similarity, req.offset)
     return json_response([{"url": h.url, "metadata": h.metadata, "similarity": h.similarity} for h in hits])
 
 

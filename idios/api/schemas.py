@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 from yarl import URL
 
@@ -78,9 +78,20 @@ class SearchRequest(Body):
     url: ImageUrl | None = None
     text: str | None = Field(default=None, min_length=1, max_length=10_000)
     limit: int = Field(default=10, ge=1, le=PAGE_MAX)
+    offset: int = Field(default=0, ge=0, le=PAGE_MAX - 1, description=(
+        f"hits to skip: pages of `limit` hits concatenate to the unpaged answer (ties in similarity ordered by "
+        f"url); offset + limit <= {PAGE_MAX}"))
     filter: dict[str, Any] | None = None
     min_similarity: float | None = Field(default=None, ge=0, le=100)
     indexed: bool = False
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> SearchRequest:
+        if self.offset + self.limit > PAGE_MAX:
+            raise PydanticCustomError("value_error.offset", f"offset + limit must be at most {PAGE_MAX} "
+                                      f"(Milvus answers at most that many hits to one search); got "
+                                      f"{self.offset} + {self.limit}")
+        return self
 
 
 class CompareRequest(Body):
