@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,8 +28,9 @@ from iiif_prezi3 import (
 )
 
 from idios import iiif
-from tests.conftest import ROOT, Service, make_settings, running_service
+from tests.conftest import Service, make_settings, running_service
 from tests.servers import serving
+from tests.test_scripts import Result, script
 
 import bulk_ingest  # noqa: E402  (scripts/, on sys.path via conftest)
 import iiif_documents  # noqa: E402
@@ -350,30 +350,9 @@ async def test_a_manifest_of_100000_canvases_flows_out_in_order(site: DocSite) -
 # --- through bulk_ingest.py into the service ----------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        assert self.rc == 0, self.err
-        return dict(json.loads(self.out.strip().splitlines()[-1]))
-
-
 async def ingest(*args: str | Path, cwd: Path) -> Result:
-    """bulk_ingest.py run to the end as a user would; killed if this fails first."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "scripts" / "bulk_ingest.py"), *map(str, args), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=90)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return Result(proc.returncode or 0, out.decode(), err.decode())
+    """bulk_ingest.py run to the end as a user would (tests/test_scripts.py's runner)."""
+    return await script("bulk_ingest.py", *args, cwd=cwd)
 
 
 async def dump(svc: Service) -> dict[str, Any]:
