@@ -256,12 +256,11 @@ def _allowed(service: ImageService, w: int, h: int) -> bool:
             and (not service.max_area or w * h <= service.max_area))
 
 
-def size_choices(service: ImageService, ref: ImageRef, short_side: int,
-                 max_pixels: int | None = None) -> list[tuple[str, int]]:
-    """The size parameters to ask for, best first, each with the short side it gives: the smallest derivative
-    whose short side is at least `short_side`; the whole region when it is smaller. On a level-0 server: the
-    smallest listed size that is large enough, else the full image (unless it has more than `max_pixels`, which
-    the decoder would refuse) and then the largest listed size."""
+def size_choices(service: ImageService, ref: ImageRef, short_side: int, max_pixels: int | None = None) -> list[str]:
+    """The size parameters to ask for, best first: the smallest derivative whose short side is at least
+    `short_side`; the whole region when it is smaller. On a level-0 server: the smallest listed size that is large
+    enough, else the full image (unless it has more than `max_pixels`, which the decoder would refuse) and then
+    the largest listed size."""
     if not service.supports_region(ref.region):
         raise errors.IIIFUnsupported(
             f"The IIIF server (level {service.level}) cannot cut the region {ref.region}; index the full image")
@@ -274,23 +273,21 @@ def size_choices(service: ImageService, ref: ImageRef, short_side: int,
         # in whole numbers: the short side exactly, the long one rounded up (floats made 896 into 897)
         w, h = (short_side, -(-rh * short_side // rw)) if rw <= rh else (-(-rw * short_side // rh), short_side)
     fw, fh = _fit_limits(service, w, h)
-    if (fw, fh) == (rw, rh):
-        return [(_full(service), min(rw, rh))]
-    return [(f"{fw},", min(fw, fh))]
+    return [_full(service) if (fw, fh) == (rw, rh) else f"{fw},"]
 
 
 def _level0_choices(service: ImageService, ref: ImageRef, short_side: int, region: tuple[int, int],
-                    max_pixels: int | None) -> list[tuple[str, int]]:
+                    max_pixels: int | None) -> list[str]:
     listed = list(service.sizes) if ref.region == "full" else []
-    whole = [] if max_pixels is not None and region[0] * region[1] > max_pixels else [(_full(service), min(region))]
+    whole = [] if max_pixels is not None and region[0] * region[1] > max_pixels else [_full(service)]
     fits = [size for size in listed if min(size) >= short_side]
     if fits:
         w, h = fits[0]
         if (w, h) == region:  # the listed size is the image itself: asked for as the full image, then as listed
-            return [(_full(service), min(w, h)), (_listed(service, w, h), min(w, h))]
-        return [(_listed(service, w, h), min(w, h))]
-    largest = [(_listed(service, w, h), min(w, h)) for w, h in listed[-1:] if (w, h) != region]
-    return whole + largest or [(_full(service), min(region))]
+            return [_full(service), _listed(service, w, h)]
+        return [_listed(service, w, h)]
+    largest = [_listed(service, w, h) for w, h in listed[-1:] if (w, h) != region]
+    return whole + largest or [_full(service)]
 
 
 def _listed(service: ImageService, w: int, h: int) -> str:
@@ -404,7 +401,7 @@ class ImageSource:
     async def _derivative(self, service: ImageService, ref: ImageRef, short_side: int) -> bytes:
         choices = size_choices(service, ref, short_side, self._max_pixels)
         ref = dataclasses.replace(ref, format=service.format_for(ref, self.policy.format))
-        for i, (size, _) in enumerate(choices):
+        for i, size in enumerate(choices):
             try:
                 return await self._fetcher.fetch(ref.request(size))
             except (errors.ImageHttpError, errors.ImageTooLarge) as exc:

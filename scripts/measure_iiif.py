@@ -68,7 +68,7 @@ async def service_of(http: aiohttp.ClientSession, base: str) -> iiif.ImageServic
 
 
 def derivative(service: iiif.ImageService, base: str, short_side: int, fmt: str = "jpg") -> str:
-    size, _ = iiif.size_choices(service, iiif.ImageRef(base), short_side)[0]
+    size = iiif.size_choices(service, iiif.ImageRef(base), short_side)[0]
     return iiif.ImageRef(base, format=fmt).request(size)
 
 
