@@ -313,7 +313,11 @@ async def test_a_rate_limited_queue_waits_within_job_timeout(site: tuple[Recorde
                                        return_exceptions=True)
     assert all(r == BODY for r in results), Counter(type(r).__name__ for r in results)
     arrivals = sorted(s.at for s in rec.seen)
-    assert 1.9 <= arrivals[-1] - start < 4 and min(b - a for a, b in zip(arrivals, arrivals[1:])) >= 0.045
+    assert 1.9 <= arrivals[-1] - start < 4
+    # Turns are 50 ms apart; the server sees each a little later than its turn, by a few ms that vary (CI saw one
+    # gap of 44.9 ms), so the bound allows 20 ms of that jitter across any run of arrivals, yet fails on a burst.
+    assert all(arrivals[j] - arrivals[i] >= (j - i) * 0.05 - 0.02
+               for i in range(len(arrivals)) for j in range(i + 1, len(arrivals)))
 
 
 async def test_a_queue_past_job_timeout_fails_with_a_clear_error(site: tuple[Recorder, int], tmp_path: Path) -> None:
