@@ -26,7 +26,6 @@ import numpy as np
 import orjson
 
 from idios import phash
-from idios.filters import metadata_filter
 from idios.jobs import ROW_BYTES, JobRoom, Running
 from idios.models import ModelSpec
 from idios.store import similarity
@@ -110,7 +109,7 @@ async def find_duplicates(room: JobRoom, spec: ModelSpec, run: Running, memory_b
     """The body of a duplicates job (idios/jobs.py runs it, and resumes it from its checkpoint)."""
     rec, store = run.record, room.store
     min_similarity = float(rec.params["min_similarity"])
-    where = metadata_filter(rec.params["filter"]) if rec.params.get("filter") else ""
+    where = await store.where(spec.name, rec.params.get("filter"))
     if rec.cursor is None:
         await room.checkpoint(run, total=await store.count(spec.name, where))
     links = Components()

@@ -121,6 +121,13 @@ class IIIFUnsupported(ImageError):
     type = "iiif_unsupported"
 
 
+class FilterUnsupported(FieldError):
+    """A filter the store cannot run as given (Milvus Lite's limits; idios/store.py CollectionStore.where)."""
+
+    type = "filter_unsupported"
+    loc = ("body", "filter")
+
+
 class InvalidUrl(FieldError):
     type = "value_error.url"
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pymilvus import AsyncMilvusClient
 
-from idios import errors, identity, milvus_rows, store_open
+from idios import errors, filters, identity, milvus_rows, store_open
 from idios.filters import url_after, url_in
 from idios.identity import Identity, identity_of
 from idios.limits import PAGE_MAX
@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 ROWS_PER_QUERY = 500  # rows fetched by primary key per query when a page carries vectors
 PARALLEL_QUERIES = 4  # of those queries at once
+LITE_NOT_ROWS = 16_384  # on Milvus Lite, a `not` over a range or contains leaves out at most this many rows
 EXACT_FILTER_ROWS = 4096  # a filtered search over at most this many rows reads and ranks them (_filtered_exactly)
 # gRPC's own reconnect backoff grows to 120 s, so a client found the restarted server up to two minutes late
 RECONNECT = {"grpc.initial_reconnect_backoff_ms": 250, "grpc.min_reconnect_backoff_ms": 250,
@@ -155,6 +156,28 @@ class CollectionStore:
 
     def _collection(self, model: str) -> str:
         return self._specs[model].collection
+
+    async def where(self, model: str, conditions: dict[str, Any] | None) -> str:
+        """The Milvus expression of a filter object (idios/filters.py), "" for none. Milvus Lite 2.5.1 has no
+        `not`: there a negated range or contains is the rows it does not match, by primary key, as long as it
+        matches at most LITE_NOT_ROWS (else a 422 `filter_unsupported`). The server negates by itself."""
+        if not conditions:
+            return ""
+        cond = filters.normal_form(filters.parse(conditions))
+        if not self.is_milvus_lite:
+            return filters.to_expr(cond)
+        name, left_out = self._collection(model), {}
+        for leaf in filters.negated_leaves(cond):
+            if leaf not in left_out:
+                counted = await self._read(self.client.query(name, filter=leaf.expr(), output_fields=["count(*)"]))
+                if counted[0]["count(*)"] > LITE_NOT_ROWS:
+                    raise errors.FilterUnsupported(
+                        f"Milvus Lite cannot negate a condition ({leaf.expr()}) that more than {LITE_NOT_ROWS} "
+                        f"rows match; write its opposite (gte for lt, ...) or use a Milvus server")
+                rows = await self._read(self.client.query(name, filter=leaf.expr(), output_fields=["url"],
+                                                          limit=LITE_NOT_ROWS))
+                left_out[leaf] = filters.url_not_in(r["url"] for r in rows)  # stored keys, as they are
+        return filters.to_expr(cond, left_out.__getitem__)
 
     async def read(self, call: Awaitable[T]) -> T:
         """A read of another module's (idios/jobs.py), under the same rule as this one's (_read)."""

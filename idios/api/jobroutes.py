@@ -12,7 +12,6 @@ from idios.api.body import read_body
 from idios.api.routes import backend, json_response, model_of
 from idios.api.schemas import DuplicatesRequest, GroupsRequest, parse
 from idios.dedup import KIND, default_similarity
-from idios.filters import metadata_filter
 from idios.jobs import DONE, LISTED, JobRoom
 
 routes = web.RouteTableDef()
@@ -27,8 +26,7 @@ async def start_duplicates(request: web.Request) -> web.Response:
     spec = model_of(request)
     data = (await read_body(request)).data if request.can_read_body else {}
     req = parse(DuplicatesRequest, data if data is not None else {})
-    if req.filter:
-        metadata_filter(req.filter)  # a bad filter is a 422 now, not a failed job later
+    await backend(request).store.where(spec.name, req.filter)  # a bad filter is a 422 now, not a failed job later
     min_similarity = default_similarity(spec) if req.min_similarity is None else req.min_similarity
     record = await jobs(request).start(KIND, spec, {"min_similarity": min_similarity, "filter": req.filter})
     return json_response({"job": record.job}, status=202)

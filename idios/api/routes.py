@@ -29,7 +29,6 @@ from idios.api.schemas import (
     parse,
 )
 from idios.engines import Tower
-from idios.filters import metadata_filter
 from idios.messages import BusJob, JobKind, JobResult
 from idios.models import ModelSpec
 from idios.store import Row, similarity
@@ -276,7 +275,7 @@ async def search(request: web.Request) -> web.Response:
     req = parse(SearchRequest, body.data)
     image = body.files.get("image")
     store = backend(request).store
-    expr = metadata_filter(req.filter) if req.filter else ""
+    expr = await store.where(spec.name, req.filter)
     if req.indexed:
         if not req.url:
             raise errors.FieldError("indexed search needs the url of a stored image", loc=("body", "url"))

@@ -74,6 +74,14 @@ class BulkParams(Body):
     min_similarity: float | None = Field(default=None, ge=0, le=100, description=REFUSE_FROM)
 
 
+FILTER = ("metadata conditions, all of which must hold (idios/filters.py; README \"Filters\"): `{\"k\": v}` equals, "
+          "`{\"k\": [v, ...]}` any of, `{\"a.b\": v}` a nested key, operator objects with eq, ne, gt, gte, lt, lte, "
+          "in, nin, contains, contains_any, contains_all, and `and` / `or` (lists of conditions) and `not`")
+FILTER_EXAMPLES = [{"collection": "prints", "year": {"gte": 1900, "lt": 1950}},
+                   {"or": [{"tags": {"contains": "portrait"}}, {"lang": ["ja", "zh"]}],
+                    "not": {"status": "withdrawn"}}]
+
+
 class SearchRequest(Body):
     url: ImageUrl | None = None
     text: str | None = Field(default=None, min_length=1, max_length=10_000)
@@ -81,7 +89,7 @@ class SearchRequest(Body):
     offset: int = Field(default=0, ge=0, le=PAGE_MAX - 1, description=(
         f"hits to skip: pages of `limit` hits concatenate to the unpaged answer (ties in similarity ordered by "
         f"url); offset + limit <= {PAGE_MAX}"))
-    filter: dict[str, Any] | None = None
+    filter: dict[str, Any] | None = Field(default=None, description=FILTER, examples=FILTER_EXAMPLES)
     min_similarity: float | None = Field(default=None, ge=0, le=100)
     indexed: bool = False
 
@@ -201,7 +209,7 @@ class DuplicatesRequest(Body):
     """POST /models/{model}/duplicates: without min_similarity, the model's measured default (idios/dedup.py)."""
 
     min_similarity: float | None = Field(default=None, ge=0, le=100)
-    filter: dict[str, Any] | None = None
+    filter: dict[str, Any] | None = Field(default=None, description=FILTER, examples=FILTER_EXAMPLES)
 
 
 class GroupsRequest(Body):
