@@ -128,6 +128,13 @@ class FilterUnsupported(FieldError):
     loc = ("body", "filter")
 
 
+class MetadataTooLong(FieldError):
+    """Metadata that an edit would make longer than limits.METADATA_MAX (idios/writer.py edit_metadata)."""
+
+    type = "value_error.metadata_json_too_long"
+    loc = ("body", "metadata")
+
+
 class InvalidUrl(FieldError):
     type = "value_error.url"
 

@@ -364,6 +364,14 @@ class CollectionStore:
         rows = await self._rows_by_key(self._collection(model), [self._key(u) for u in urls], fields)
         return {self._url(key): row for key, row in rows.items()}
 
+    async def stored_rows(self, model: str, urls: Sequence[str]) -> dict[str, Row]:
+        """The whole stored rows of `urls` (those still stored), by url: vector, metadata and phash."""
+        name = self._collection(model)
+        fields = ["embedding", "metadata", *([PHASH] if name in self._with_phash else [])]
+        rows = await self._rows_by_key(name, [self._key(u) for u in urls], fields)
+        return {self._url(key): Row(self._url(key), row["embedding"], row["metadata"], row.get(PHASH) or "")
+                for key, row in rows.items()}
+
     async def _rows_by_key(self, name: str, keys: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The rows of stored `keys`, by key: ROWS_PER_QUERY a query, PARALLEL_QUERIES at once (see `page`)."""
         gate = asyncio.Semaphore(PARALLEL_QUERIES)

@@ -16,7 +16,9 @@
    always gets upserts.
 3. **Side by side.** Chunks of at most 1,000 rows, up to PARALLEL_WRITES at once (Lite: one writer 6.0k rows/s
    of bare inserts, two or four 10.1-10.3k, at 40k x 512).
-4. **Answered means searchable.** A write is answered once a search from any process finds it (`Settler`; the
+4. **Metadata edits** (`edit_metadata`) read the stored rows and write them back with new metadata while holding
+   their urls, so they are ordered with the other writes of those urls as rule 1 orders those.
+5. **Answered means searchable.** A write is answered once a search from any process finds it (`Settler`; the
    worker's batcher writes many jobs' rows at once and each job waits for that itself).
 """
 
@@ -25,15 +27,40 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
 
 from idios import errors
 from idios.batcher import MicroBatcher
+from idios.limits import METADATA_MAX
 from idios.metrics import Metrics
 from idios.settings import Settings
 from idios.store import CollectionStore, Row
 
 PARALLEL_WRITES = 4  # Milvus calls of one process at once
 CHUNK_ROWS = 1000  # rows per Milvus call at most
+
+
+@dataclass(frozen=True)
+class MetadataEdit:
+    url: str
+    metadata: dict[str, Any] | None
+    merge: bool = False
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON Merge Patch: an object patches key by key (null removes the key), anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 class KeyClaims:
@@ -129,8 +156,11 @@ class Writer:
             await self.settle(model)
         return len(rows)
 
-    async def _write_chunk(self, model: str, chunk: list[Row]) -> None:
-        async with self._claims.setdefault(model, KeyClaims()).claim(r.url for r in chunk), self._gate:
+    async def _write_chunk(self, model: str, chunk: list[Row], claimed: bool = False) -> None:
+        async with AsyncExitStack() as held:
+            if not claimed:
+                await held.enter_async_context(self._claims.setdefault(model, KeyClaims()).claim(r.url for r in chunk))
+            await held.enter_async_context(self._gate)
             if not self._lite:
                 await self._store.put(model, chunk, upsert=True)
                 self._settler(model).wrote()
@@ -141,6 +171,32 @@ class Writer:
                 await self._store.put(model, fresh, upsert=False)
             if len(fresh) < len(chunk):
                 await self._store.put(model, [r for r in chunk if r.url in stored], upsert=True)
+
+    async def edit_metadata(self, model: str, edits: Sequence[MetadataEdit]) -> list[str]:
+        """Replace, or merge as a JSON Merge Patch (RFC 7396: null removes a key, objects merge key by key), the
+        metadata of stored rows, keeping their vectors: no image is fetched, nothing is embedded. Edits of one url
+        apply in the order given. All or nothing: the urls not stored are returned and nothing is written. The
+        urls are held from the read to the write, so no other write of this process comes in between."""
+        urls = list(dict.fromkeys(e.url for e in edits))
+        async with self._claims.setdefault(model, KeyClaims()).claim(urls):
+            rows = await self._store.stored_rows(model, urls)
+            missing = [u for u in urls if u not in rows]
+            if missing:
+                return missing
+            metadata = {u: rows[u].metadata or {} for u in urls}
+            for e in edits:
+                metadata[e.url] = merge_patch(metadata[e.url], e.metadata) if e.merge else (e.metadata or {})
+            for url, meta in metadata.items():
+                if (size := len(orjson.dumps(meta))) > METADATA_MAX:
+                    raise errors.MetadataTooLong(f"the metadata of {url} would be {size} bytes of JSON once "
+                                                 f"merged, more than {METADATA_MAX}")
+            edited = [replace(rows[u], metadata=metadata[u]) for u in urls]
+            with errors.first_failure():
+                async with asyncio.TaskGroup() as group:
+                    for start in range(0, len(edited), self._chunk):
+                        group.create_task(self._write_chunk(model, edited[start : start + self._chunk], claimed=True))
+        await self.settle(model)
+        return []
 
     async def remove(self, model: str, url: str) -> None:
         async with self._claims.setdefault(model, KeyClaims()).claim([url]):

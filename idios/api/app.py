@@ -13,6 +13,7 @@ from idios.api.auth import ApiKeys, auth_middleware
 from idios.api.backend import BACKEND, Backend
 from idios.api.middlewares import IN_FLIGHT, METRICS, MIDDLEWARES, InFlight
 from idios.api.pages import add_pages
+from idios.api.editroutes import routes as edit_routes
 from idios.api.jobroutes import routes as job_routes
 from idios.api.routes import routes
 from idios.lifecycle import stop_signal
@@ -60,6 +61,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory) -> web.Appli
     app.cleanup_ctx.append(backend_ctx)
     app.add_routes(routes)
     app.add_routes(job_routes)
+    app.add_routes(edit_routes)
     app.router.add_get("/metrics", metrics_view)
     add_pages(app, settings)
     return app

@@ -41,6 +41,7 @@ from idios.api.schemas import (
     DumpRequest,
     DuplicatesRequest,
     GroupsRequest,
+    MetadataEditRequest,
     PageRequest,
     RemoveRequest,
     RestoreItem,
@@ -55,7 +56,7 @@ DUMP_ROWS = "url, embedding, metadata and phash (when known), strictly after `cu
 
 REQUESTS: list[type[BaseModel]] = [
     AddRequest, SearchAddRequest, SearchRequest, CompareRequest, RemoveRequest, PageRequest, DumpRequest, RestoreItem,
-    DuplicatesRequest,
+    DuplicatesRequest, MetadataEditRequest,
 ]
 RESPONSES: list[type[BaseModel]] = [
     ModelInfo, RefusedModel, Hit, BulkResult, NearDuplicateBody, DumpRow, ValidationErrorBody, ErrorBody,
@@ -226,6 +227,18 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
         "/models/{model}/count": {"get": op(
             "Number of stored images", "Milvus's count, not an enumeration.",
             {"200": json_answer({"type": "integer", "minimum": 0}, "the count"), **MODEL_ERRORS}, tag="rows")},
+        "/models/{model}/update_metadata": {"post": op(
+            "Change the metadata of stored images",
+            f"One edit or a list of at most {bulk}; the vectors stay, no image is fetched. `merge: true` applies "
+            "`metadata` as a JSON Merge Patch (RFC 7396: null removes a key, objects merge key by key); else it "
+            "replaces the stored metadata. Edits of one url apply in order; the edit is ordered with the other "
+            "writes of its url as adds are. All or nothing.",
+            {**NO_CONTENT, **BODY_ERRORS,
+             "404": error(ErrorBody, "`not_found`: urls not stored, listed in `missing`; nothing was changed (or "
+                                     "no such model)")},
+            request=body({"anyOf": [ref(MetadataEditRequest),
+                                    {"type": "array", "minItems": 1, "maxItems": bulk,
+                                     "items": ref(MetadataEditRequest)}]}), tag="rows")},
         "/models/{model}/remove": {"post": op(
             "Remove an image", "Removing a url that is not stored is not an error.",
             {**NO_CONTENT, **BODY_ERRORS}, request=body(RemoveRequest), tag="rows")},

@@ -107,6 +107,16 @@ class CompareRequest(Body):
     other: ImageUrl | None = None
 
 
+class MetadataEditRequest(Body):
+    """update_metadata: one stored row's new metadata; its vector stays."""
+
+    url: ImageUrl
+    metadata: Metadata = Field(description="the new metadata (null or {} clears it), or with `merge` a JSON Merge "
+                                           "Patch (RFC 7396) of the stored one: null removes a key")
+    merge: bool = Field(default=False, description="merge `metadata` into the stored metadata instead of "
+                                                   "replacing it")
+
+
 class RemoveRequest(Body):
     url: ImageUrl
 
