@@ -262,35 +262,48 @@ class CollectionStore:
         """The `limit` best hits after the first `offset`, best first, ties in similarity ordered by url: so pages
         concatenate to the unpaged answer. Milvus orders ties as it likes, so the hits tied with the last one
         wanted are all fetched (up to PAGE_MAX) before the ordering."""
-        name, want = self._collection(model), offset + limit
-        fetch = want
-        hits = await self._ranked(name, vector, fetch, expr)
-        # a tie with the last hit wanted that reaches the last hit fetched may go on beyond it
-        while len(hits) == fetch < PAGE_MAX and hits[-1].similarity == hits[want - 1].similarity:
-            fetch = min(PAGE_MAX, 2 * fetch)
-            hits = await self._ranked(name, vector, fetch, expr)
-        hits.sort(key=lambda h: (-h.similarity, h.url))
-        if min_similarity is not None:
-            hits = [h for h in hits if h.similarity >= min_similarity]
-        return hits[offset:want]
+        return (await self.search_many(model, [vector], limit, expr, min_similarity, offset))[0]
 
-    async def _ranked(self, name: str, vector: np.ndarray, n: int, expr: str) -> list[Hit]:
-        """The best `n` rows for `vector` (those passing `expr`), best first."""
+    async def search_many(self, model: str, vectors: Sequence[np.ndarray], limit: int, expr: str = "",
+                          min_similarity: float | None = None, offset: int = 0) -> list[list[Hit]]:
+        """search() for several vectors with the same filter and page: one Milvus search for all of them (or one
+        read of the rows a selective filter passes); only a vector whose tie runs past what was fetched asks
+        again, alone."""
+        name, want = self._collection(model), offset + limit
+        # one hit more than wanted tells whether a tie with the last one wanted may go on past what was fetched
+        # (fetching only `want` made every search a second one: the last hit fetched always "tied" with itself)
+        first = min(PAGE_MAX, want + 1)
+        answers = await self._ranked(name, vectors, first, expr)
+        for k, hits in enumerate(answers):
+            fetch = first
+            # a tie with the last hit wanted that reaches the last hit fetched may go on beyond it
+            while len(hits) == fetch < PAGE_MAX and hits[-1].similarity == hits[want - 1].similarity:
+                fetch = min(PAGE_MAX, 2 * fetch)
+                hits = (await self._ranked(name, [vectors[k]], fetch, expr))[0]
+            hits.sort(key=lambda h: (-h.similarity, h.url))
+            if min_similarity is not None:
+                hits = [h for h in hits if h.similarity >= min_similarity]
+            answers[k] = hits[offset:want]
+        return answers
+
+    async def _ranked(self, name: str, vectors: Sequence[np.ndarray], n: int, expr: str) -> list[list[Hit]]:
+        """The best `n` rows for each vector (those passing `expr`), best first."""
         if expr and self.index_kind != "FLAT":
-            exact = await self._filtered_exactly(name, vector, n, expr)
+            exact = await self._filtered_exactly(name, vectors, n, expr)
             if exact is not None:
                 return exact
         params: dict[str, Any] = {"metric_type": self._metric_types.get(name, METRIC)}
         if self.index_kind == "HNSW":
             params["params"] = {"ef": max(self._settings.search_ef, n)}  # Milvus needs ef >= limit
         res = await self._read(self.client.search(
-            name, data=[np.asarray(vector, dtype=np.float32).tolist()], limit=n, filter=expr,
+            name, data=[np.asarray(v, dtype=np.float32).tolist() for v in vectors], limit=n, filter=expr,
             output_fields=["url", "metadata"], search_params=params, **self._consistency,
         ))
-        return [Hit(self._url(h["entity"]["url"]), h["entity"].get("metadata"), similarity(h["distance"]))
-                for h in res[0]]
+        return [[Hit(self._url(h["entity"]["url"]), h["entity"].get("metadata"), similarity(h["distance"]))
+                 for h in hits] for hits in res]
 
-    async def _filtered_exactly(self, name: str, vector: np.ndarray, limit: int, expr: str) -> list[Hit] | None:
+    async def _filtered_exactly(self, name: str, vectors: Sequence[np.ndarray], limit: int,
+                                expr: str) -> list[list[Hit]] | None:
         """A filter that few rows pass is answered exactly: those rows are read and ranked here. An index with a
         selective filter misses rows: on the Milvus 2.3.5 server, searches filtered down to 4 of ~3,000 rows
         found 1 or 2 of them (HNSW over sealed rows, the interim IVF index, nprobe 16 of 128, over fresh ones).
@@ -302,10 +315,14 @@ class CollectionStore:
         rows = await self._read(self.client.query(name, filter=expr, output_fields=["url", "metadata", "embedding"],
                                                   limit=EXACT_FILTER_ROWS, strict_float32=True, **self._consistency))
         if not rows:
-            return []
-        scores = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows]) @ np.asarray(vector, np.float32)
-        best = np.argsort(-scores, kind="stable")[:limit]
-        return [Hit(self._url(rows[i]["url"]), rows[i].get("metadata"), similarity(float(scores[i]))) for i in best]
+            return [[] for _ in vectors]
+        matrix = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows])
+        answers = []
+        for scores in np.stack([np.asarray(v, dtype=np.float32) for v in vectors]) @ matrix.T:  # (vectors, rows)
+            best = np.argsort(-scores, kind="stable")[:limit]
+            answers.append([Hit(self._url(rows[i]["url"]), rows[i].get("metadata"), similarity(float(scores[i])))
+                            for i in best])
+        return answers
 
     async def count(self, model: str, where: str = "") -> int:
         """Milvus's count of a collection's rows (those passing `where`, a metadata filter, if given)."""
