@@ -44,6 +44,12 @@ async def test_api_keys(tmp_path: Path, models_dir: Path, images: str) -> None:
             assert (await call(svc, "GET", "/models/thumb_grid/count", key))[2] == 1
             assert (await call(svc, "POST", "/models/thumb_grid/urls", key, body={}))[0] == 200
             assert (await call(svc, "POST", "/models/thumb_grid/dump", key, body={}))[0] == 200
+            status, _, batch = await call(svc, "POST", "/models/thumb_grid/search_batch", key,
+                                          body=[{**add, "indexed": True}])
+            assert status == 200 and batch[0][0]["url"] == add["url"]  # type: ignore[index]
+        meta = {"url": add["url"], "metadata": {"k": 1}}
+        assert (await call(svc, "POST", "/models/thumb_grid/update_metadata", "ro-secret", body=meta))[0] == 403
+        assert (await call(svc, "POST", "/models/thumb_grid/update_metadata", "rw-secret", body=meta))[0] == 204
 
 
 async def test_no_keys_means_open_access(service: Service) -> None:

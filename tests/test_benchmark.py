@@ -109,3 +109,15 @@ def test_iiif_scripts_measure_against_the_reference_server() -> None:
                            capture_output=True, text=True, timeout=280)
     assert bench.returncode == 0, bench.stderr[-3000:]
     assert "| IIIF manifest (sized derivatives) | 4 |" in bench.stdout and "| plain master urls | 4 |" in bench.stdout
+
+
+@pytest.mark.timeout(300)
+def test_search_benchmark_reports_both_targets() -> None:
+    """scripts/bench_search.py, small: the weighted-query ratios and the search_batch speed-up come out (the full
+    run's figures are in the README's "Weighted and batch searches")."""
+    proc = subprocess.run([sys.executable, "scripts/bench_search.py", "--rows", "2000", "--rounds", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| image urls", "| stored urls"))]
+    assert len(rows) == 2 and all(float(line.rstrip(" |").rsplit("| ", 1)[1]) > 0 for line in rows), proc.stdout
+    assert "search_batch" in proc.stdout and "x (target >= 5x)" in proc.stdout

@@ -16,6 +16,7 @@ from idios.api.pages import add_pages
 from idios.api.editroutes import routes as edit_routes
 from idios.api.jobroutes import routes as job_routes
 from idios.api.routes import routes
+from idios.api.searchroutes import routes as search_routes
 from idios.lifecycle import stop_signal
 from idios.metrics import CONTENT_TYPE, Metrics
 from idios.settings import Settings
@@ -62,6 +63,7 @@ def create_app(settings: Settings, backend_factory: BackendFactory) -> web.Appli
     app.add_routes(routes)
     app.add_routes(job_routes)
     app.add_routes(edit_routes)
+    app.add_routes(search_routes)
     app.router.add_get("/metrics", metrics_view)
     add_pages(app, settings)
     return app

@@ -14,7 +14,7 @@ from idios.settings import Settings
 
 PUBLIC_PATHS = {"/ping", "/", "/docs", "/openapi.json"}
 PUBLIC_PREFIXES = ("/static/",)
-READ_ACTIONS = {"search", "compare", "urls", "dump", "count"}
+READ_ACTIONS = {"search", "search_batch", "compare", "urls", "dump", "count"}
 
 class Access(str, Enum):
     READ = "ro"

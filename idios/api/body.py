@@ -13,7 +13,7 @@ from aiohttp.web_request import FileField
 from idios import errors
 from idios.api.schemas import decode_json
 
-JSON_FIELDS = {"metadata", "filter"}
+JSON_FIELDS = {"metadata", "filter", "queries"}
 FILE_FIELDS = {"image", "other_image"}
 
 

@@ -158,7 +158,8 @@ def op(summary: str, description: str, responses: dict[str, Any], *, tag: str = 
 
 ADD_FORM = multipart(AddRequest, {"image": "the image itself; `url` is then only its id"}, ("metadata",))
 SEARCH_ADD_FORM = multipart(SearchAddRequest, {"image": "the image itself; `url` is then only its id"}, ("metadata",))
-SEARCH_FORM = multipart(SearchRequest, {"image": "the query image"}, ("filter",))
+SEARCH_FORM = multipart(SearchRequest, {"image": "the query image (or the `upload` part of `queries`)"},
+                        ("filter", "queries"))
 COMPARE_FORM = multipart(CompareRequest, {"image": "first image (instead of `url`)",
                                           "other_image": "second image (instead of `other`)"})
 TEXT = {"text/html": {"schema": {"type": "string"}}}
@@ -206,6 +207,16 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
                                 BODY_ERRORS["422"]["description"] + "; with neither url, text nor image, the "
                                 "original service's `{\"detail\": \"Either 'text' or 'url' must be provided.\"}`")},
             request=body(SearchRequest, SEARCH_FORM))},
+        "/models/{model}/search_batch": {"post": op(
+            "Several searches in one request",
+            "At most 100 search bodies (JSON: url, text, indexed or queries; no uploads) answered in order, a list "
+            "of hits for each. Stored vectors are read in one query and the bodies that share a filter and a page "
+            "are searched in one Milvus call. One bad body fails the batch: the 422's `loc` starts with its index.",
+            {"200": json_answer({"type": "array", "items": {"type": "array", "items": ref(Hit)}},
+                                "one list of hits per body, in order"),
+             **JOB_ERRORS, "404": error(ErrorBody, "No such model, or an `indexed` url that is not stored (its "
+                                                   "body's `index`)")},
+            request=body({"type": "array", "minItems": 1, "maxItems": 100, "items": ref(SearchRequest)}))},
         "/models/{model}/compare": {"post": op(
             "Similarity of two images", "Each side is a url or an uploaded image.",
             {"200": json_answer({"type": "number", "minimum": 0, "maximum": 100}, "similarity, 100 = identical"),

@@ -24,7 +24,6 @@ from idios.api.schemas import (
     PageRequest,
     RemoveRequest,
     SearchAddRequest,
-    SearchRequest,
     item_error,
     parse,
 )
@@ -266,34 +265,6 @@ async def restore(request: web.Request) -> web.Response:
     async with be.writer.sending(spec.name, parsed.urls):
         await be.writer.upsert(spec.name, rows)
     return no_content()
-
-
-@routes.post("/models/{model}/search")
-async def search(request: web.Request) -> web.Response:
-    spec = model_of(request)
-    body = await read_body(request, allow_files=True)
-    req = parse(SearchRequest, body.data)
-    image = body.files.get("image")
-    store = backend(request).store
-    expr = await store.where(spec.name, req.filter)
-    if req.indexed:
-        if not req.url:
-            raise errors.FieldError("indexed search needs the url of a stored image", loc=("body", "url"))
-        vector = await store.embedding_of(spec.name, req.url)
-        if vector is None:
-            raise errors.NotFound(f"{req.url} is not indexed in model {spec.name}")
-    elif image is not None or req.url:
-        vector = await embed(request, spec, req.url, image)
-    elif req.text:
-        texts = backend(request).texts
-        if spec.name not in texts:
-            why = "has no text tower" if not spec.has_text else "has its text search turned off (IDIOS_TEXT_SEARCH)"
-            raise errors.TextNotSupported(f"Model {spec.name} {why}; search by image instead")
-        vector = await texts[spec.name].embed(req.text)
-    else:
-        return json_response({"detail": "Either 'text' or 'url' must be provided."}, status=422)
-    hits = await store.search(spec.name, vector, req.limit, expr, req.min_similarity, req.offset)
-    return json_response([{"url": h.url, "metadata": h.metadata, "similarity": h.similarity} for h in hits])
 
 
 @routes.post("/models/{model}/compare")

@@ -82,6 +82,31 @@ FILTER_EXAMPLES = [{"collection": "prints", "year": {"gte": 1900, "lt": 1950}},
                     "not": {"status": "withdrawn"}}]
 
 
+QUERY_PARTS_MAX = 10
+
+
+class QueryPart(Body):
+    """One part of a weighted search: an image url, a stored url (`indexed`), a text, or the uploaded `image`."""
+
+    url: ImageUrl | None = None
+    text: str | None = Field(default=None, min_length=1, max_length=10_000)
+    indexed: bool = Field(default=False, description="`url` is a stored url: its stored embedding, no fetch")
+    upload: bool = Field(default=False, description="the image uploaded in the form's `image` field")
+    weight: float = Field(default=1.0, ge=-100, le=100, allow_inf_nan=False,
+                          description="this part's weight; negative means less like it")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> QueryPart:
+        given = [name for name, there in (("url", self.url is not None), ("text", self.text is not None),
+                                          ("upload", self.upload)) if there]
+        if len(given) != 1:
+            raise PydanticCustomError("value_error.query_part", "a query part holds exactly one of url, text or "
+                                      f"upload; got {', '.join(given) or 'none'}")
+        if self.indexed and self.url is None:
+            raise PydanticCustomError("value_error.query_part", "indexed needs the url of a stored image")
+        return self
+
+
 class SearchRequest(Body):
     url: ImageUrl | None = None
     text: str | None = Field(default=None, min_length=1, max_length=10_000)
@@ -92,9 +117,19 @@ class SearchRequest(Body):
     filter: dict[str, Any] | None = Field(default=None, description=FILTER, examples=FILTER_EXAMPLES)
     min_similarity: float | None = Field(default=None, ge=0, le=100)
     indexed: bool = False
+    queries: list[QueryPart] | None = Field(
+        default=None, min_length=1, max_length=QUERY_PARTS_MAX, description=(
+            "instead of url / text / image: the normalised weighted sum of these parts' unit vectors is the query "
+            "(weights may be negative: less like that part)"),
+        examples=[[{"url": "http://127.0.0.1/a.jpg", "indexed": True, "weight": 1},
+                   {"text": "a dog", "weight": 0.5}, {"url": "http://127.0.0.1/b.jpg", "indexed": True,
+                                                       "weight": -0.5}]])
 
     @model_validator(mode="after")
     def _one_answer(self) -> SearchRequest:
+        if self.queries is not None and (self.url is not None or self.text is not None or self.indexed):
+            raise PydanticCustomError("value_error.queries", "queries replace url, text and indexed: give one or "
+                                      "the other")
         if self.offset + self.limit > PAGE_MAX:
             raise PydanticCustomError("value_error.offset", f"offset + limit must be at most {PAGE_MAX} "
                                       f"(Milvus answers at most that many hits to one search); got "
