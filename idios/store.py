@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 from pymilvus import AsyncMilvusClient
 
 from idios import errors, filters, identity, milvus_rows, store_open
@@ -54,6 +55,19 @@ class Hit:
 # stored key spells ' as DEL (0x7f), a character a valid url never holds (the API refuses control characters),
 # so the mapping is one-to-one. Only paging order can differ from plain string order, and only for such urls.
 _QUOTE, _STANDIN = "'", "\x7f"
+
+
+_ABSENT = object()
+GROUP_OVERFETCH = 8  # search_groups fetches this many times the hits its groups need, to begin with
+
+
+def _lookup(metadata: dict[str, Any] | None, path: list[str]) -> Any:
+    value: Any = metadata
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
 
 
 def similarity(cosine: float) -> float:
@@ -285,6 +299,37 @@ class CollectionStore:
                 hits = [h for h in hits if h.similarity >= min_similarity]
             answers[k] = hits[offset:want]
         return answers
+
+    async def search_groups(self, model: str, vector: np.ndarray, limit: int, expr: str, key: str,
+                            group_size: int = 1, min_similarity: float | None = None, offset: int = 0) -> list[Hit]:
+        """The best `group_size` hits of each distinct value of metadata `key` (a dotted path), for the `limit`
+        best groups after the first `offset`: groups ordered by their best hit, each group's hits together. A row
+        without the key is a group of its own. Milvus cannot group on a JSON field (Lite 2.5.1: "unsupported data
+        type JSON for group by"), so the hits are fetched GROUP_OVERFETCH times more than needed, collapsed here,
+        and fetched again twice as deep while groups are missing, up to PAGE_MAX hits: past that, fewer groups
+        than asked can come back (a few values holding the best 16,384 hits)."""
+        name, want = self._collection(model), offset + limit
+        fetch = min(PAGE_MAX, max(want * group_size * GROUP_OVERFETCH, 64))
+        path = key.split(".")
+        while True:
+            hits = (await self._ranked(name, [vector], fetch, expr))[0]
+            everything = len(hits) < fetch or fetch >= PAGE_MAX
+            hits.sort(key=lambda h: (-h.similarity, h.url))
+            if min_similarity is not None:
+                hits = [h for h in hits if h.similarity >= min_similarity]
+            groups: dict[Any, list[Hit]] = {}
+            for h in hits:
+                value = _lookup(h.metadata, path)
+                group = ("row", h.url) if value is _ABSENT else ("is", orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+                members = groups.setdefault(group, [])
+                if len(members) < group_size:
+                    members.append(h)
+            first = list(groups.values())[:want]
+            # the groups wanted are known once `want` of them are seen, their hits once each group is full
+            if everything or (len(first) == want and all(len(g) == group_size for g in first)):
+                break
+            fetch = min(PAGE_MAX, 2 * fetch)
+        return [h for g in list(groups.values())[offset:want] for h in g]
 
     async def _ranked(self, name: str, vectors: Sequence[np.ndarray], n: int, expr: str) -> list[list[Hit]]:
         """The best `n` rows for each vector (those passing `expr`), best first."""

@@ -161,3 +161,44 @@ async def test_a_bad_body_fails_the_batch_naming_it(service: Service,
             assert answer["type"] == kind and answer["index"] == 0, answer
         else:
             assert answer["detail"][0]["type"] == kind and answer["detail"][0]["loc"] == loc, (body, answer)
+
+
+async def test_group_by_answers_the_best_hits_of_each_value(service: Service) -> None:
+    """30 rows in 6 manifests of 5 (one manifest nested under a key of its own), plus 3 rows without the key:
+    groups come in the order of their best hit, each with its group_size best hits; a row without the key is a
+    group of its own. Held against the same collapse done here over the whole ranking."""
+    scope = uuid.uuid4().hex[:12]
+    rng = np.random.default_rng(5)
+    query = rng.standard_normal(DIM)
+    vectors, metadata = {}, {}
+    for i in range(33):
+        url = f"http://groups.test/{scope}/{i:02d}.jpg"
+        v = query + 1.2 * rng.standard_normal(DIM)
+        vectors[url] = v / np.linalg.norm(v)
+        metadata[url] = {"scope": scope, **({"doc": {"m": f"manifest-{i % 6}"}} if i < 30 else {})}
+    query_url = f"http://groups.test/{scope}/query.jpg"
+    body = [{"url": u, "metadata": metadata[u], "embedding": b64(v)} for u, v in vectors.items()]
+    body.append({"url": query_url, "metadata": {"other": scope}, "embedding": b64(query / np.linalg.norm(query))})
+    assert (await post(service, "/restore", body))[0] == 204
+    q = query / np.linalg.norm(query)
+    ranked = sorted(vectors, key=lambda u: (-float(q @ vectors[u]), u))
+
+    def expected(size: int) -> list[list[str]]:
+        groups: dict[str, list[str]] = {}
+        for u in ranked:
+            members = groups.setdefault(metadata[u].get("doc", {}).get("m", u), [])
+            if len(members) < size:
+                members.append(u)
+        return list(groups.values())
+
+    ask = {"url": query_url, "indexed": True, "filter": {"scope": scope}, "group_by": "doc.m"}
+    for size, limit, offset in ((1, 9, 0), (2, 4, 0), (3, 3, 2), (5, 20, 0)):
+        status, hits = await post(service, "/search", {**ask, "group_size": size, "limit": limit, "offset": offset})
+        assert status == 200, hits
+        assert [h["url"] for h in hits] == [u for g in expected(size)[offset:offset + limit] for u in g], (size, limit)
+    status, batch = await post(service, "/search_batch", [{**ask, "limit": 3}, {**ask, "limit": 3, "group_size": 2}])
+    assert status == 200 and [[h["url"] for h in hits] for hits in batch] == \
+        [[g[0] for g in expected(1)[:3]], [u for g in expected(2)[:3] for u in g]]
+    assert (await post(service, "/search", {**ask, "group_by": "a b"}))[0] == 422
+    status, answer = await post(service, "/search", {**ask, "limit": 1000, "group_size": 20})
+    assert status == 422 and answer["detail"][0]["type"] == "value_error.offset", answer

@@ -125,8 +125,17 @@ class SearchRequest(Body):
                    {"text": "a dog", "weight": 0.5}, {"url": "http://127.0.0.1/b.jpg", "indexed": True,
                                                        "weight": -0.5}]])
 
+    group_by: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_\-]{1,64}){0,7}$", examples=["iiif_manifest"],
+        description="a metadata key (dots for nested keys): the best `group_size` hits of each of its values, the "
+                    "`limit` best groups after `offset` groups; a row without the key is a group of its own")
+    group_size: int = Field(default=1, ge=1, le=100, description="hits per group, with `group_by`")
+
     @model_validator(mode="after")
     def _one_answer(self) -> SearchRequest:
+        if self.group_by is not None and (self.offset + self.limit) * self.group_size > PAGE_MAX:
+            raise PydanticCustomError("value_error.offset", f"(offset + limit) x group_size must be at most "
+                                      f"{PAGE_MAX}; got ({self.offset} + {self.limit}) x {self.group_size}")
         if self.queries is not None and (self.url is not None or self.text is not None or self.indexed):
             raise PydanticCustomError("value_error.queries", "queries replace url, text and indexed: give one or "
                                       "the other")

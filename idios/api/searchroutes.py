@@ -45,7 +45,11 @@ async def search(request: web.Request) -> web.Response:
         vector = await text_vector(request, spec, req.text)
     else:
         return json_response({"detail": "Either 'text' or 'url' must be provided."}, status=422)
-    hits = await store.search(spec.name, vector, req.limit, expr, req.min_similarity, req.offset)
+    if req.group_by is not None:
+        hits = await store.search_groups(spec.name, vector, req.limit, expr, req.group_by, req.group_size,
+                                         req.min_similarity, req.offset)
+    else:
+        hits = await store.search(spec.name, vector, req.limit, expr, req.min_similarity, req.offset)
     return json_response(answer(hits))
 
 
@@ -67,7 +71,7 @@ async def search_batch(request: web.Request) -> web.Response:
     store = backend(request).store
     exprs: dict[bytes, str] = {}
     for i, req in enumerate(reqs):
-        key = orjson.dumps(req.filter, option=orjson.OPT_SORT_KEYS)
+        key = filter_key(req)
         if key not in exprs:
             with at(i):
                 exprs[key] = await store.where(spec.name, req.filter)
@@ -94,17 +98,25 @@ async def search_batch(request: web.Request) -> web.Response:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(vector_of(i, r)) for i, r in enumerate(reqs)]
     vectors = [t.result() for t in tasks]
+    answers: list[list[Hit]] = [[] for _ in reqs]
     groups: dict[tuple[bytes, int, int, float | None], list[int]] = {}
     for i, req in enumerate(reqs):
-        groups.setdefault((orjson.dumps(req.filter, option=orjson.OPT_SORT_KEYS), req.limit, req.offset,
+        if req.group_by is not None:  # grouped bodies are collapsed one by one (store.search_groups)
+            answers[i] = await store.search_groups(spec.name, vectors[i], req.limit, exprs[filter_key(req)],
+                                                   req.group_by, req.group_size, req.min_similarity, req.offset)
+            continue
+        groups.setdefault((filter_key(req), req.limit, req.offset,
                            req.min_similarity), []).append(i)
-    answers: list[list[Hit]] = [[] for _ in reqs]
     for (key, limit, offset, min_similarity), members in groups.items():
         found = await store.search_many(spec.name, [vectors[i] for i in members], limit, exprs[key],
                                         min_similarity, offset)
         for i, hits in zip(members, found, strict=True):
             answers[i] = hits
     return json_response([answer(hits) for hits in answers])
+
+
+def filter_key(req: SearchRequest) -> bytes:
+    return orjson.dumps(req.filter, option=orjson.OPT_SORT_KEYS)
 
 
 @contextmanager
