@@ -89,6 +89,11 @@ class Leaf:
         if self.op == "contains":
             return f"json_contains({f}, {lits[0]})"
         if self.op in CONTAINS:
+            if any(lit in ("true", "false") for lit in lits):
+                # json_contains_any/all with a boolean fail on Milvus Lite ("unsupported data type VAL_NOT_SET");
+                # json_contains of one boolean works, so the list is written out one value at a time
+                join = " or " if self.op == "contains_any" else " and "
+                return "(" + join.join(f"json_contains({f}, {lit})" for lit in lits) + ")"
             return f"{CONTAINS[self.op]}({f}, [{', '.join(lits)}])"
         # in / nin. Milvus fails on a list that mixes types (an int with a float or a string: "Assert
         # val_case() == kInt64Val", on Lite and on the server), so each type gets a list of its own.

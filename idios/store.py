@@ -28,7 +28,8 @@ T = TypeVar("T")
 
 ROWS_PER_QUERY = 500  # rows fetched by primary key per query when a page carries vectors
 PARALLEL_QUERIES = 4  # of those queries at once
-LITE_NOT_ROWS = 16_384  # on Milvus Lite, a `not` over a range or contains leaves out at most this many rows
+# on Milvus Lite, a `not` over a range or contains leaves out at most this many rows (+ 1 is Milvus's query cap)
+LITE_NOT_ROWS = PAGE_MAX - 1
 EXACT_FILTER_ROWS = 4096  # a filtered search over at most this many rows reads and ranks them (_filtered_exactly)
 # gRPC's own reconnect backoff grows to 120 s, so a client found the restarted server up to two minutes late
 RECONNECT = {"grpc.initial_reconnect_backoff_ms": 250, "grpc.min_reconnect_backoff_ms": 250,
@@ -183,13 +184,13 @@ class CollectionStore:
         name, left_out = self._collection(model), {}
         for leaf in filters.negated_leaves(cond):
             if leaf not in left_out:
-                counted = await self._read(self.client.query(name, filter=leaf.expr(), output_fields=["count(*)"]))
-                if counted[0]["count(*)"] > LITE_NOT_ROWS:
+                # one query, one hit more than may be left out: no write comes between a count and the read
+                rows = await self._read(self.client.query(name, filter=leaf.expr(), output_fields=["url"],
+                                                          limit=LITE_NOT_ROWS + 1))
+                if len(rows) > LITE_NOT_ROWS:
                     raise errors.FilterUnsupported(
                         f"Milvus Lite cannot negate a condition ({leaf.expr()}) that more than {LITE_NOT_ROWS} "
                         f"rows match; write its opposite (gte for lt, ...) or use a Milvus server")
-                rows = await self._read(self.client.query(name, filter=leaf.expr(), output_fields=["url"],
-                                                          limit=LITE_NOT_ROWS))
                 left_out[leaf] = filters.url_not_in(r["url"] for r in rows)  # stored keys, as they are
         return filters.to_expr(cond, left_out.__getitem__)
 

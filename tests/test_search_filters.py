@@ -31,7 +31,7 @@ METADATA: list[dict[str, Any]] = [
     {"year": 2000, "tags": [1, 2], "k": 3, "n": {"m": "1"}},
     {"year": True, "tags": [], "k": ["v"]},
     {"year": 1949, "tags": ["z", 'a"b'], "k": 'v" or url != "', "date": "1949-12-31"},
-    {"year": -5, "tags": ["x", 2.5], "k": "V", "n": {}},
+    {"year": -5, "tags": ["x", 2.5, True], "k": "V", "n": {}},
 ]
 
 
@@ -124,6 +124,9 @@ FILTERS: list[dict[str, Any]] = [
     {"tags": {"contains": 'a"b'}},
     {"tags": {"contains_any": ["z", 1]}},
     {"tags": {"contains_all": ["x", "y"]}},
+    {"tags": {"contains_any": [True, "z"]}},  # a boolean in these lists failed Milvus Lite (a 500, before)
+    {"tags": {"contains_all": ["x", True]}},
+    {"not": {"tags": {"contains_any": [True]}}},
     {"n.m": 1},
     {"n.m": {"ne": 1}},
     {"or": [{"k": "v"}, {"year": 2000}]},

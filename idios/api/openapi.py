@@ -243,7 +243,7 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
             f"One edit or a list of at most {bulk}; the vectors stay, no image is fetched. `merge: true` applies "
             "`metadata` as a JSON Merge Patch (RFC 7396: null removes a key, objects merge key by key); else it "
             "replaces the stored metadata. Edits of one url apply in order; the edit is ordered with the other "
-            "writes of its url as adds are. All or nothing.",
+            "writes of its url as adds are. An url not stored fails the whole request: nothing is changed.",
             {**NO_CONTENT, **BODY_ERRORS,
              "404": error(ErrorBody, "`not_found`: urls not stored, listed in `missing`; nothing was changed (or "
                                      "no such model)")},
