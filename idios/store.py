@@ -266,12 +266,6 @@ class CollectionStore:
             found.update(self._url(k) for k in keys)
         return found
 
-    async def embedding_of(self, model: str, url: str) -> np.ndarray | None:
-        expr = url_in([self._key(url)])
-        res = await self._read(self.client.query(self._collection(model), filter=expr, output_fields=["embedding"],
-                                                 strict_float32=True, **self._consistency))
-        return np.asarray(res[0]["embedding"], dtype=np.float32) if res else None
-
     async def search(self, model: str, vector: np.ndarray, limit: int, expr: str = "",
                      min_similarity: float | None = None, offset: int = 0) -> list[Hit]:
         """The `limit` best hits after the first `offset`, best first, ties in similarity ordered by url: so pages

@@ -147,14 +147,17 @@ class Writer:
     async def upsert(self, model: str, rows: Sequence[Row], settle: bool = True) -> int:
         """Write rows (insert or replace by url; the last of repeated urls wins), in chunks side by side. With
         `settle` the rows are searchable from any process on return."""
-        latest = list({r.url: r for r in rows}.values())
-        with errors.first_failure():  # a failed chunk cancels the others (their claims released)
-            async with asyncio.TaskGroup() as group:  # chunks share no url, so they may run side by side
-                for start in range(0, len(latest), self._chunk):
-                    group.create_task(self._write_chunk(model, latest[start : start + self._chunk]))
+        await self._write_chunks(model, list({r.url: r for r in rows}.values()))
         if settle:
             await self.settle(model)
         return len(rows)
+
+    async def _write_chunks(self, model: str, rows: list[Row], claimed: bool = False) -> None:
+        """Rows of distinct urls in chunks side by side; `claimed`: the caller holds their urls already."""
+        with errors.first_failure():  # a failed chunk cancels the others (their claims released)
+            async with asyncio.TaskGroup() as group:  # chunks share no url, so they may run side by side
+                for start in range(0, len(rows), self._chunk):
+                    group.create_task(self._write_chunk(model, rows[start : start + self._chunk], claimed))
 
     async def _write_chunk(self, model: str, chunk: list[Row], claimed: bool = False) -> None:
         async with AsyncExitStack() as held:
@@ -190,11 +193,7 @@ class Writer:
                 if (size := len(orjson.dumps(meta))) > METADATA_MAX:
                     raise errors.MetadataTooLong(f"the metadata of {url} would be {size} bytes of JSON once "
                                                  f"merged, more than {METADATA_MAX}")
-            edited = [replace(rows[u], metadata=metadata[u]) for u in urls]
-            with errors.first_failure():
-                async with asyncio.TaskGroup() as group:
-                    for start in range(0, len(edited), self._chunk):
-                        group.create_task(self._write_chunk(model, edited[start : start + self._chunk], claimed=True))
+            await self._write_chunks(model, [replace(rows[u], metadata=metadata[u]) for u in urls], claimed=True)
         await self.settle(model)
         return []
 
