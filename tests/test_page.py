@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.browser import chromium
@@ -164,6 +165,121 @@ async def test_search_by_upload_and_by_url(driver: Any, service: Service, images
         wait_for(d, "url results", first_hit_is(photos[3]))
         assert hits(d)[0]["similarity"] > 99
         assert foreign_resources(d, service.url, frozenset(h["url"] for h in got)) == []
+        assert console_errors(d) == []
+
+    await asyncio.to_thread(scenario, driver)
+
+
+def api_search(svc: Service, model: str, body: dict[str, Any], loop: asyncio.AbstractEventLoop,
+               upload: bytes | None = None) -> list[dict[str, Any]]:
+    """POST search from a browser scenario's thread, through the service's session on the test's loop: JSON, or
+    with `upload` a multipart form whose `image` is that file and whose fields are the body's."""
+    async def go() -> list[dict[str, Any]]:
+        if upload is None:
+            kwargs: dict[str, Any] = {"json": body}
+        else:
+            form = aiohttp.FormData()
+            form.add_field("image", upload, filename="q.png", content_type="image/png")
+            for k, v in body.items():
+                form.add_field(k, v if isinstance(v, str) else json.dumps(v))
+            kwargs = {"data": form}
+        async with svc.http.post(f"{svc.model(model)}/search", **kwargs) as resp:
+            assert resp.status == 200, await resp.text()
+            return list(await resp.json())
+    return asyncio.run_coroutine_threadsafe(go(), loop).result(60)
+
+
+def shows(expected: list[dict[str, Any]]) -> Callable[[Any], bool]:
+    """A wait condition: the grid shows these hits, in this order, with their similarity to one decimal."""
+    def check(d: Any) -> bool:
+        shown = hits(d)
+        return ([h["url"] for h in shown] == [h["url"] for h in expected]
+                and all(abs(a["similarity"] - b["similarity"]) < 0.051 for a, b in zip(shown, expected, strict=True)))
+    return check
+
+
+def click_hit_button(d: Any, url: str, which: str) -> None:
+    """Click a hit's "More like this" (`more`) or "Less like this" (`less`) button."""
+    for li in d.find_elements("css selector", "#results .hit"):
+        if li.find_element("css selector", ".url").text == url:
+            li.find_element("css selector", f".refine button.{which}").click()
+            return
+    raise AssertionError(f"{url} is not among the hits shown")
+
+
+def similarity_of(shown: list[dict[str, Any]], url: str) -> float | None:
+    return next((h["similarity"] for h in shown if h["url"] == url), None)
+
+
+async def test_more_and_less_like_this_refine_the_search(driver: Any, service: Service, images: str, uniq: str,
+                                                         tmp_path: Path) -> None:
+    """A hit's buttons add it to the query as a weighted part (search's `queries`): the page then shows exactly
+    what the API answers to that weighted search, and the refinement can be changed or removed again."""
+    photos = [f"{images}/img/{uniq}/refine{i}.jpg" for i in range(8)]
+    for url in photos:
+        await add(service, "thumb_grid", url, {"scope": uniq})
+    query = f"{images}/img/{uniq}/refine-query.jpg"  # not stored: fetched as an image url
+    upload = encode(picture(f"{uniq}/refine-upload.png", (320, 240)), "PNG")
+    file = tmp_path / "refine.png"
+    file.write_bytes(upload)
+    opts: dict[str, Any] = {"limit": 5, "filter": {"scope": uniq}}
+    loop = asyncio.get_running_loop()
+
+    def scenario(d: Any) -> None:
+        open_page(d, service.url, "thumb_grid")
+        d.find_element("css selector", ".options summary").click()
+        fill(d, "limit", "5")
+        fill(d, "filter", json.dumps({"scope": uniq}))
+        fill(d, "search-url", query)
+        d.find_element("css selector", "#search-url-form button").click()
+        plain = api_search(service, "thumb_grid", {"url": query, **opts}, loop)
+        wait_for(d, "the plain search", shows(plain))
+        assert d.find_elements("css selector", "#query .refinement") == []
+
+        more = plain[-1]["url"]  # the last hit shown: "more like this" must bring it closer
+        click_hit_button(d, more, "more")
+        parts: list[dict[str, Any]] = [{"url": query, "weight": 1}, {"indexed": more, "weight": 1}]
+        refined = api_search(service, "thumb_grid", {"queries": parts, **opts}, loop)
+        wait_for(d, "more like the last hit", shows(refined))
+        assert similarity_of(refined, more) > plain[-1]["similarity"]  # type: ignore[operator]
+        chips = d.find_elements("css selector", "#query .refinement")
+        assert [c.get_attribute("class") for c in chips] == ["refinement more"]
+        assert more in chips[0].get_attribute("title")
+
+        less = refined[0]["url"] if refined[0]["url"] != more else refined[1]["url"]
+        click_hit_button(d, less, "less")
+        parts.append({"indexed": less, "weight": -0.5})
+        both = api_search(service, "thumb_grid", {"queries": parts, **opts}, loop)
+        wait_for(d, "less like the best other hit", shows(both))
+        before = similarity_of(refined, less)
+        assert before is not None and (similarity_of(both, less) or -1.0) < before
+        assert len(d.find_elements("css selector", "#query .refinement")) == 2
+        ARTIFACTS.mkdir(exist_ok=True)
+        d.find_element("css selector", "section.results").screenshot(str(ARTIFACTS / "refine.png"))
+
+        d.find_element("css selector", "#query .refinement.more .remove").click()  # the first refinement goes
+        del parts[1]
+        wait_for(d, "without the first refinement", shows(api_search(
+            service, "thumb_grid", {"queries": parts, **opts}, loop)))
+        assert [c.get_attribute("class") for c in d.find_elements("css selector", "#query .refinement")] == [
+            "refinement less"]
+
+        if less in [h["url"] for h in hits(d)]:  # clicked again the other way: the latest choice counts
+            click_hit_button(d, less, "more")
+            parts[1]["weight"] = 1
+            wait_for(d, "the refinement turned round", shows(api_search(
+                service, "thumb_grid", {"queries": parts, **opts}, loop)))
+            assert [c.get_attribute("class") for c in d.find_elements("css selector", "#query .refinement")] == [
+                "refinement more"]
+
+        d.find_element("id", "search-file").send_keys(str(file))  # a new search starts over, here an upload
+        plain = api_search(service, "thumb_grid", opts, loop, upload)
+        wait_for(d, "the upload's search", shows(plain))
+        assert d.find_elements("css selector", "#query .refinement") == []
+        click_hit_button(d, plain[-1]["url"], "more")
+        wait_for(d, "the upload refined", shows(api_search(service, "thumb_grid", {
+            "queries": [{"image": True, "weight": 1}, {"indexed": plain[-1]["url"], "weight": 1}], **opts},
+            loop, upload)))
         assert console_errors(d) == []
 
     await asyncio.to_thread(scenario, driver)

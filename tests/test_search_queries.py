@@ -66,14 +66,15 @@ async def test_each_kind_of_part_asks_what_its_single_search_asks(service: Servi
     url = f"{images}/img/queries-{uuid.uuid4().hex[:8]}.jpg"
     assert (await post(service, "/add", {"url": url}, "thumb_text"))[0] == 204
     for single, part in (({"url": url}, {"url": url, "weight": 3}), ({"text": "red"}, {"text": "red", "weight": 0.2}),
-                         ({"url": url, "indexed": True}, {"url": url, "indexed": True})):
+                         ({"url": url, "indexed": True}, {"url": url, "indexed": True}),
+                         ({"url": url, "indexed": True}, {"indexed": url, "weight": 0.7})):
         _, one = await post(service, "/search", {**single, "limit": 5}, "thumb_text")
         _, mixed = await post(service, "/search", {"queries": [part], "limit": 5}, "thumb_text")
         assert [h["url"] for h in mixed] == [h["url"] for h in one], (single, part)
         assert [h["similarity"] for h in mixed] == pytest.approx([h["similarity"] for h in one], abs=2e-3)
     picture = jpeg("queries-upload")
     answers = []
-    for fields in ({}, {"queries": json.dumps([{"upload": True, "weight": 1.5}])}):
+    for fields in ({}, {"queries": json.dumps([{"image": True, "weight": 1.5}])}):
         form = aiohttp.FormData()
         form.add_field("image", picture, filename="q.jpg", content_type="image/jpeg")
         form.add_field("limit", "5")
@@ -101,7 +102,13 @@ async def test_bad_queries_are_refused_clearly(service: Service, rows: tuple[str
         ("thumb_grid", {"queries": [{"url": a, "indexed": True}] * 11}, 422, "too_long", ["body", "queries"]),
         ("thumb_grid", {"queries": [{"url": a, "indexed": True, "weight": 101}]}, 422, "less_than_equal",
          ["body", "queries", 0, "weight"]),
-        ("thumb_grid", {"queries": [{"upload": True}]}, 422, "value_error", ["body", "queries", 0, "upload"]),
+        ("thumb_grid", {"queries": [{"image": True}]}, 422, "value_error", ["body", "queries", 0, "image"]),
+        ("thumb_grid", {"queries": [{"upload": True}]}, 422, "extra_forbidden", ["body", "queries", 0, "upload"]),
+        ("thumb_grid", {"queries": [{"indexed": a, "url": a}]}, 422, "value_error.query_part", ["body", "queries", 0]),
+        ("thumb_grid", {"queries": [{"indexed": "ftp://x/a.jpg"}]}, 422, "value_error.url.scheme",
+         ["body", "queries", 0, "indexed"]),
+        ("thumb_grid", {"queries": [{"indexed": 1}]}, 422, "value_error.indexed", ["body", "queries", 0, "indexed"]),
+        ("thumb_grid", {"queries": [{"indexed": a + "x"}]}, 404, "not_found", None),
         ("thumb_grid", {"queries": [{"url": a, "indexed": True}, {"text": "red"}]}, 422, "text_not_supported",
          ["body", "queries", 1, "text"]),
         ("thumb_grid", {"queries": [{"url": a + "x", "indexed": True}]}, 404, "not_found", None),

@@ -158,7 +158,7 @@ def op(summary: str, description: str, responses: dict[str, Any], *, tag: str = 
 
 ADD_FORM = multipart(AddRequest, {"image": "the image itself; `url` is then only its id"}, ("metadata",))
 SEARCH_ADD_FORM = multipart(SearchAddRequest, {"image": "the image itself; `url` is then only its id"}, ("metadata",))
-SEARCH_FORM = multipart(SearchRequest, {"image": "the query image (or the `upload` part of `queries`)"},
+SEARCH_FORM = multipart(SearchRequest, {"image": "the query image (or the `{\"image\": true}` part of `queries`)"},
                         ("filter", "queries"))
 COMPARE_FORM = multipart(CompareRequest, {"image": "first image (instead of `url`)",
                                           "other_image": "second image (instead of `other`)"})

@@ -6,7 +6,8 @@ import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 from yarl import URL
 
@@ -47,6 +48,19 @@ def check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 ImageUrl = Annotated[str, AfterValidator(check_url)]
 Metadata = Annotated[dict[str, Any] | None, AfterValidator(check_metadata)]
+
+
+def check_stored(value: Any) -> str | bool:
+    """A query part's `indexed`: the stored url itself, or a flag for its `url` (one error, not one per kind)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return check_url(value)
+    raise PydanticCustomError("value_error.indexed", "indexed is a stored image's url, or true beside `url`")
+
+
+StoredUrl = Annotated[str | bool, PlainValidator(check_stored), WithJsonSchema(
+    {"anyOf": [{"type": "string", "format": "uri"}, {"type": "boolean"}]})]
 
 
 class Body(BaseModel):
@@ -90,18 +104,25 @@ class QueryPart(Body):
 
     url: ImageUrl | None = None
     text: str | None = Field(default=None, min_length=1, max_length=10_000)
-    indexed: bool = Field(default=False, description="`url` is a stored url: its stored embedding, no fetch")
-    upload: bool = Field(default=False, description="the image uploaded in the form's `image` field")
+    indexed: StoredUrl = Field(default=False, description=(
+        "a stored url, whose stored embedding is used (no fetch): `{\"indexed\": url}`; or `true` beside `url`, "
+        "as in a single search"))
+    image: bool = Field(default=False, description="the image uploaded in the multipart form's `image` field")
     weight: float = Field(default=1.0, ge=-100, le=100, allow_inf_nan=False,
                           description="this part's weight; negative means less like it")
 
     @model_validator(mode="after")
     def _one_source(self) -> QueryPart:
+        if isinstance(self.indexed, str):  # {"indexed": url}: the issue's spelling of {"url": url, "indexed": true}
+            if self.url is not None:
+                raise PydanticCustomError("value_error.query_part", "give the stored url once: as `indexed`, or as "
+                                          "`url` with `indexed: true`")
+            self.url, self.indexed = self.indexed, True
         given = [name for name, there in (("url", self.url is not None), ("text", self.text is not None),
-                                          ("upload", self.upload)) if there]
+                                          ("image", self.image)) if there]
         if len(given) != 1:
-            raise PydanticCustomError("value_error.query_part", "a query part holds exactly one of url, text or "
-                                      f"upload; got {', '.join(given) or 'none'}")
+            raise PydanticCustomError("value_error.query_part", "a query part holds exactly one of url, indexed, "
+                                      f"text or image; got {', '.join(given) or 'none'}")
         if self.indexed and self.url is None:
             raise PydanticCustomError("value_error.query_part", "indexed needs the url of a stored image")
         return self
@@ -121,9 +142,8 @@ class SearchRequest(Body):
         default=None, min_length=1, max_length=QUERY_PARTS_MAX, description=(
             "instead of url / text / image: the normalised weighted sum of these parts' unit vectors is the query "
             "(weights may be negative: less like that part)"),
-        examples=[[{"url": "http://127.0.0.1/a.jpg", "indexed": True, "weight": 1},
-                   {"text": "a dog", "weight": 0.5}, {"url": "http://127.0.0.1/b.jpg", "indexed": True,
-                                                       "weight": -0.5}]])
+        examples=[[{"indexed": "http://127.0.0.1/a.jpg", "weight": 1}, {"text": "a dog", "weight": 0.5},
+                   {"indexed": "http://127.0.0.1/b.jpg", "weight": -0.5}]])
 
     group_by: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}(\.[A-Za-z0-9_\-]{1,64}){0,7}$", examples=["iiif_manifest"],

@@ -133,9 +133,9 @@ async def weighted(request: web.Request, spec: ModelSpec, parts: list[QueryPart]
     embedded at once, so their fetches and their rows in the worker's batch overlap (scripts/bench_search.py
     measured three stored parts at 1.18x one, three image urls at 1.45x)."""
     for i, part in enumerate(parts):
-        if part.upload and image is None:
-            raise errors.FieldError("an upload part needs the image in the form's `image` field",
-                                    loc=(*loc, "queries", i, "upload"))
+        if part.image and image is None:
+            raise errors.FieldError("an image part needs the image uploaded in the form's `image` field",
+                                    loc=(*loc, "queries", i, "image"))
     stored = await stored_vectors(request, spec, [p.url for p in parts if p.indexed and p.url])
 
     async def vector_of(i: int, part: QueryPart) -> np.ndarray:
@@ -160,7 +160,7 @@ async def part_vector(request: web.Request, spec: ModelSpec, part: QueryPart, im
     """One part's vector: a stored one (`indexed`), an image's (url or upload), or a text's."""
     if part.url is not None:
         return await (stored_vector(request, spec, part.url) if part.indexed else embed(request, spec, part.url, None))
-    if part.upload:
+    if part.image:
         return await embed(request, spec, None, image)
     assert part.text is not None  # QueryPart's validator: exactly one source
     return await text_vector(request, spec, part.text, (*loc, "text"))

@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], busy: 0 };
+// query: the search shown, {base: its query part, file, label, preview, refine: [{url, weight}]}; null before one.
+const state = { models: [], busy: 0, query: null };
 
 class ApiError extends Error {
   constructor(status, body, message) {
@@ -116,6 +117,7 @@ function onModelChange() {
   $("search-text-form").hidden = !(info && info.text);
   $("results").replaceChildren();
   $("query").hidden = true;
+  state.query = null;
   show("search-status", "");
   refreshCount().catch((err) => show("page-status", err.message, "error"));
   document.dispatchEvent(new CustomEvent("modelchange", { detail: model() }));  // duplicates.js follows it
@@ -150,21 +152,77 @@ function searchOptions() {
   return opts;
 }
 
-function showQuery(label, src) {
+// "More like this" / "Less like this" on a hit add that stored image to the query as a weighted part
+// (search's `queries`): the query itself weighs 1.
+const MORE = 1;
+const LESS = -0.5;
+const REFINE_MAX = 9;  // a search takes at most 10 query parts (idios/limits.py QUERY_PARTS_MAX)
+
+function showQuery(q) {
   const box = $("query");
   const parts = [];
-  if (src) {
+  if (q.preview) {
     const img = document.createElement("img");
-    img.src = src;
+    img.src = q.preview;
     img.alt = "";
     img.referrerPolicy = "no-referrer";
     parts.push(img);
   }
   const span = document.createElement("span");
-  span.textContent = label;
+  span.textContent = q.label;
   parts.push(span);
+  for (const r of q.refine) {
+    const chip = document.createElement("span");
+    const what = `${r.weight > 0 ? "more" : "less"} like`;
+    chip.className = `refinement ${r.weight > 0 ? "more" : "less"}`;
+    chip.title = `${what} ${r.url} (weight ${r.weight})`;
+    const thumb = document.createElement("img");
+    thumb.src = thumbSource(r.url);
+    thumb.alt = "";
+    thumb.referrerPolicy = "no-referrer";
+    const text = document.createElement("span");
+    text.textContent = what;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "×";
+    remove.setAttribute("aria-label", `Remove “${what} ${r.url}”`);
+    remove.addEventListener("click", () => {
+      q.refine = q.refine.filter((x) => x !== r);
+      runQuery();
+    });
+    if (isWeb(r.url)) chip.append(thumb);
+    chip.append(text, remove);
+    parts.push(chip);
+  }
   box.replaceChildren(...parts);
   box.hidden = false;
+}
+
+// The search request for a query: the plain search while nothing is refined, else a weighted `queries` search.
+function queryRequest(q, opts) {
+  const fields = !q.refine.length ? (q.base.image ? {} : { ...q.base })
+    : { queries: [{ ...q.base, weight: 1 }, ...q.refine.map((r) => ({ indexed: r.url, weight: r.weight }))] };
+  if (!q.file) return { json: { ...fields, ...opts } };
+  const form = new FormData();
+  form.append("image", q.file, q.file.name || "image");
+  for (const [k, v] of Object.entries({ ...fields, ...opts })) {
+    form.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
+  }
+  return { form };
+}
+
+function refine(url, weight) {
+  const q = state.query;
+  const known = q.refine.find((r) => r.url === url);
+  if (known) {
+    known.weight = weight;  // the same hit again: its latest choice counts
+  } else if (q.refine.length >= REFINE_MAX) {
+    return show("search-status", `At most ${REFINE_MAX} hits can refine a search: remove one above first.`, "error");
+  } else {
+    q.refine.push({ url, weight });
+  }
+  return runQuery();
 }
 
 // A IIIF Image API request (the same pattern as idios/iiif.py IMAGE_REQUEST, query string included): its
@@ -231,7 +289,19 @@ function hitCard(hit, rank) {
   const url = document.createElement("p");
   url.className = "url";
   url.textContent = hit.url;
-  li.append(link, sim, url);
+  const actions = document.createElement("div");
+  actions.className = "refine";
+  const chosen = state.query && state.query.refine.find((r) => r.url === hit.url);
+  for (const [text, weight] of [["More like this", MORE], ["Less like this", LESS]]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = `secondary ${weight > 0 ? "more" : "less"}`;
+    button.textContent = text;
+    button.setAttribute("aria-pressed", String(!!chosen && chosen.weight === weight));
+    button.addEventListener("click", () => refine(hit.url, weight));
+    actions.append(button);
+  }
+  li.append(link, sim, url, actions);
   const manifest = hit.metadata && hit.metadata.iiif_manifest;
   if (typeof manifest === "string" && isWeb(manifest)) {  // bulk_ingest's IIIF input records it
     const a = document.createElement("a");
@@ -252,37 +322,38 @@ function hitCard(hit, rank) {
   return li;
 }
 
-async function search(statusId, form, makeRequest, label, preview) {
-  await guarded(statusId, form, async () => {
-    const hits = await api(route("search"), makeRequest(searchOptions()));
-    showQuery(label, preview);
+// Show the answer to state.query (a new search, or one refined by a hit's buttons or a removed refinement).
+async function runQuery(form = null) {
+  const q = state.query;
+  await guarded("search-status", form, async () => {
+    const hits = await api(route("search"), queryRequest(q, searchOptions()));
+    if (q !== state.query) return;  // another search was started meanwhile: its answer is the one to show
+    showQuery(q);
     $("results").replaceChildren(...hits.map((h, i) => hitCard(h, i + 1)));
-    show(statusId, hits.length ? `${hits.length} result${hits.length === 1 ? "" : "s"}, best first.`
+    show("search-status", hits.length ? `${hits.length} result${hits.length === 1 ? "" : "s"}, best first.`
       : "No stored image matches.", "ok");
   });
 }
 
+function search(form, base, file, label, preview) {
+  state.query = { base, file, label, preview, refine: [] };
+  return runQuery(form);
+}
+
 function searchFile(file) {
   if (!file) return;
-  const preview = URL.createObjectURL(file);
-  search("search-status", null, (opts) => {
-    const form = new FormData();
-    form.append("image", file, file.name || "image");
-    for (const [k, v] of Object.entries(opts)) form.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
-    return { form };
-  }, `Query: ${file.name || "pasted image"}`, preview);
+  search(null, { image: true }, file, `Query: ${file.name || "pasted image"}`, URL.createObjectURL(file));
 }
 
 function searchUrl(url) {
   url = url.trim();
   if (!url) return show("search-status", "Enter the URL of an image to search with.", "error");
-  search("search-status", $("search-url-form"), (opts) => ({ json: { url, ...opts } }),
-    `Query: ${url}`, isWeb(url) ? thumbSource(url) : null);
+  return search($("search-url-form"), { url }, null, `Query: ${url}`, isWeb(url) ? thumbSource(url) : null);
 }
 
 function searchText(text) {
   if (!text.trim()) return show("search-status", "Enter some text to search for.", "error");
-  search("search-status", $("search-text-form"), (opts) => ({ json: { text, ...opts } }), `Query: “${text}”`, null);
+  return search($("search-text-form"), { text }, null, `Query: “${text}”`, null);
 }
 
 function wireDrop() {
