@@ -99,6 +99,36 @@ async def test_request_schemas_are_the_validated_models(service: Service) -> Non
     assert components["AddRequest"]["additionalProperties"] is False
 
 
+async def test_request_examples_are_valid_bodies(service: Service) -> None:
+    """Every request example validates against its documented schema (components resolved), and the examples of
+    search, search_batch and update_metadata are also accepted by the pydantic models the routes parse with."""
+    from jsonschema import Draft202012Validator
+
+    doc = await fetch_doc(service)
+    seen: dict[str, list[Any]] = {}
+    for path, ops in doc["paths"].items():
+        for method, operation in ops.items():
+            content = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+            for name, example in content.get("examples", {}).items():
+                validator = Draft202012Validator({**content["schema"], "components": doc["components"]})
+                errors = [e.message for e in validator.iter_errors(example["value"])]
+                assert not errors, (method, path, name, errors)
+                seen.setdefault(path, []).append(example["value"])
+    search, batch, edit = (seen.get(f"/models/{{model}}/{name}", [])
+                           for name in ("search", "search_batch", "update_metadata"))
+    assert len(search) >= 5 and batch and len(edit) >= 3, sorted(seen)
+    for value in search:
+        schemas.parse(schemas.SearchRequest, value)
+    for value in batch:
+        assert [schemas.parse(schemas.SearchRequest, v) for v in value]
+    for value in edit:
+        for item in value if isinstance(value, list) else [value]:
+            schemas.parse(schemas.MetadataEditRequest, item)
+    bad = {"url": "http://127.0.0.1/a.jpg", "offset": -1}
+    assert list(Draft202012Validator({"$ref": REF.format(model="SearchRequest"),
+                                      "components": doc["components"]}).iter_errors(bad)), "the check can fail"
+
+
 async def test_docs_and_page_are_served_without_remote_assets(service: Service) -> None:
     for path in ("/", "/docs"):
         async with service.http.get(service.url + path) as resp:

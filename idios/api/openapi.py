@@ -126,9 +126,14 @@ def multipart(model: type[BaseModel], files: dict[str, str], json_fields: tuple[
     return {"type": "object", "properties": props, "required": list(schema.get("required", []))}
 
 
-def body(model: type[BaseModel] | dict[str, Any], form: dict[str, Any] | None = None) -> dict[str, Any]:
+def body(model: type[BaseModel] | dict[str, Any], form: dict[str, Any] | None = None,
+         examples: dict[str, tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """A request body: JSON of `model`, or also a multipart form; `examples`: name -> (summary, JSON value)."""
     schema = ref(model) if isinstance(model, type) else model
     content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if examples:
+        content["application/json"]["examples"] = {
+            name: {"summary": summary, "value": value} for name, (summary, value) in examples.items()}
     if form is not None:
         content["multipart/form-data"] = {"schema": form}
     return {"required": True, "content": content}
@@ -163,6 +168,28 @@ SEARCH_FORM = multipart(SearchRequest, {"image": "the query image (or the `{\"im
 COMPARE_FORM = multipart(CompareRequest, {"image": "first image (instead of `url`)",
                                           "other_image": "second image (instead of `other`)"})
 TEXT = {"text/html": {"schema": {"type": "string"}}}
+# Request examples: loopback urls only, because tests/test_fuzz.py sends every example to the service.
+A, B = "http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"
+SEARCH_EXAMPLES: dict[str, tuple[str, Any]] = {
+    "url": ("By image url", {"url": A, "limit": 10}),
+    "page": ("The second page of 20 (pages concatenate to the unpaged answer)", {"url": A, "limit": 20, "offset": 20}),
+    "filter": ("Text, filtered with operators", {"text": "a harbour at night", "filter": {
+        "year": {"gte": 1900, "lt": 1950}, "or": [{"tags": {"contains": "map"}}, {"lang": {"in": ["nl", "fr"]}}]}}),
+    "weighted": ("Weighted parts: like A, in winter, less like B", {"queries": [
+        {"indexed": A}, {"text": "in winter", "weight": 0.5}, {"indexed": B, "weight": -0.5}]}),
+    "grouped": ("The best 2 hits of each of the 10 best manifests",
+                {"indexed": True, "url": A, "group_by": "iiif_manifest", "group_size": 2, "limit": 10}),
+}
+BATCH_EXAMPLES: dict[str, tuple[str, Any]] = {"mixed": ("Three searches answered in order", [
+    {"url": A, "indexed": True, "limit": 5}, {"url": B, "indexed": True, "limit": 5, "filter": {"lang": "nl"}},
+    {"queries": [{"indexed": A}, {"indexed": B, "weight": -0.5}], "limit": 5}])}
+EDIT_EXAMPLES: dict[str, tuple[str, Any]] = {
+    "replace": ("Replace one image's metadata", {"url": A, "metadata": {"title": "Harbour", "year": 1911}}),
+    "merge": ("Merge: set year, remove draft, keep the rest", {"url": A, "metadata": {"year": 1912, "draft": None},
+                                                               "merge": True}),
+    "list": ("Several edits in one request", [{"url": A, "metadata": {"year": 1912}, "merge": True},
+                                              {"url": B, "metadata": None}]),
+}
 NEAR_LIMIT = "requests sent at the same time are compared with the stored images only, not with each other"
 
 
@@ -206,7 +233,7 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
              "422": json_answer({"anyOf": [ref(ValidationErrorBody), ref(ErrorBody)]},
                                 BODY_ERRORS["422"]["description"] + "; with neither url, text nor image, the "
                                 "original service's `{\"detail\": \"Either 'text' or 'url' must be provided.\"}`")},
-            request=body(SearchRequest, SEARCH_FORM))},
+            request=body(SearchRequest, SEARCH_FORM, SEARCH_EXAMPLES))},
         "/models/{model}/search_batch": {"post": op(
             "Several searches in one request",
             "At most 100 search bodies (JSON: url, text, indexed or queries; no uploads) answered in order, a list "
@@ -216,7 +243,8 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
                                 "one list of hits per body, in order"),
              **JOB_ERRORS, "404": error(ErrorBody, "No such model, or an `indexed` url that is not stored (its "
                                                    "body's `index`)")},
-            request=body({"type": "array", "minItems": 1, "maxItems": 100, "items": ref(SearchRequest)}))},
+            request=body({"type": "array", "minItems": 1, "maxItems": 100, "items": ref(SearchRequest)},
+                         examples=BATCH_EXAMPLES))},
         "/models/{model}/compare": {"post": op(
             "Similarity of two images", "Each side is a url or an uploaded image.",
             {"200": json_answer({"type": "number", "minimum": 0, "maximum": 100}, "similarity, 100 = identical"),
@@ -249,7 +277,7 @@ def image_paths(settings: Settings) -> dict[str, dict[str, Any]]:
                                      "no such model)")},
             request=body({"anyOf": [ref(MetadataEditRequest),
                                     {"type": "array", "minItems": 1, "maxItems": bulk,
-                                     "items": ref(MetadataEditRequest)}]}), tag="rows")},
+                                     "items": ref(MetadataEditRequest)}]}, examples=EDIT_EXAMPLES), tag="rows")},
         "/models/{model}/remove": {"post": op(
             "Remove an image", "Removing a url that is not stored is not an error.",
             {**NO_CONTENT, **BODY_ERRORS}, request=body(RemoveRequest), tag="rows")},
