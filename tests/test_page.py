@@ -241,7 +241,7 @@ async def test_more_and_less_like_this_refine_the_search(driver: Any, service: S
         parts: list[dict[str, Any]] = [{"url": query, "weight": 1}, {"indexed": more, "weight": 1}]
         refined = api_search(service, "thumb_grid", {"queries": parts, **opts}, loop)
         wait_for(d, "more like the last hit", shows(refined))
-        assert similarity_of(refined, more) > plain[-1]["similarity"]  # type: ignore[operator]
+        assert similarity_of(refined, more) > plain[-1]["similarity"]
         chips = d.find_elements("css selector", "#query .refinement")
         assert [c.get_attribute("class") for c in chips] == ["refinement more"]
         assert more in chips[0].get_attribute("title")

@@ -137,3 +137,16 @@ async def test_an_edit_waits_for_an_add_of_its_url_in_flight(service: Service, i
     assert edit[0] == 204, edit
     status, hits = await post(service, "/search", {"url": url, "indexed": True, "limit": 1})
     assert hits[0]["url"] == url and hits[0]["metadata"] == {"from": "add", "edited": True}, hits
+
+
+async def test_a_remove_waits_for_an_add_of_its_url_in_flight(service: Service, images: str, uniq: str) -> None:
+    """A remove sent while the add of its url is still fetching a slow image is ordered after the add, as an
+    edit is: the row is gone once both are answered (without waiting, the add would store it after the remove)."""
+    url = f"{images}/slow/{uniq}-removed.jpg?delay=1.5"
+    adding = asyncio.create_task(post(service, "/add", {"url": url}))
+    await asyncio.sleep(0.5)
+    removed = await post(service, "/remove", {"url": url})
+    assert (await adding)[0] == 204
+    assert removed[0] == 204, removed
+    status, answer = await post(service, "/search", {"url": url, "indexed": True, "limit": 1})
+    assert status == 404 and answer["type"] == "not_found", (status, answer)

@@ -324,9 +324,11 @@ async def remove(request: web.Request) -> web.Response:
     spec = model_of(request)
     body = (await read_body(request)).data
     req = parse(RemoveRequest, body)
-    await backend(request).writer.remove(spec.name, req.url)
+    writer = backend(request).writer
     given = body.get("url") if isinstance(body, dict) else None
-    if isinstance(given, str) and given != req.url:
-        # a IIIF image request stored under its own size before keys were canonical (idios/iiif.py): that row too
-        await backend(request).writer.remove(spec.name, given)
+    # a IIIF image request stored under its own size before keys were canonical (idios/iiif.py): that row too
+    urls = [req.url] + ([given] if isinstance(given, str) and given != req.url else [])
+    async with writer.sending(spec.name, urls):  # after an add or edit of the url in flight, as they are ordered
+        for url in urls:
+            await writer.remove(spec.name, url)
     return no_content()
