@@ -5,7 +5,8 @@
    1,500 urls left 2,000-4,512 rows; reported for Milvus 2.5 servers, milvus-io/milvus#38947). Two kinds of
    claims keep them apart, both `KeyClaims` (a write waits only for writes sharing a url with it):
    - `Writer.sending`: the API holds the urls of a write it sends (an `add` job on the bus, a `restore`, a metadata
-     edit, a `remove`) until it is answered, so two requests for one url through one API process run one after the other;
+     edit, a `remove`) until it is answered, so two requests for one url through one API process run one after
+     the other;
    - `Writer.upsert` holds the urls of each Milvus call, so two batches of one process never write one url at
      once. (Separate sets: in `serve` the API's claim is still held while the worker's write runs.)
    What several API processes did on a Milvus server is in the README ("Milvus").
