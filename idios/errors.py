@@ -132,7 +132,7 @@ class MetadataTooLong(FieldError):
     """Metadata that an edit would make longer than limits.METADATA_MAX (idios/writer.py edit_metadata)."""
 
     type = "value_error.metadata_json_too_long"
-    loc = ("body", "metadata")
+    loc: tuple[str | int, ...] = ("body", "metadata")
 
 
 class InvalidUrl(FieldError):

@@ -31,11 +31,9 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import dataclass, replace
 from typing import Any
 
-import orjson
-
 from idios import errors
 from idios.batcher import MicroBatcher
-from idios.limits import METADATA_MAX
+from idios.limits import METADATA_MAX, metadata_bytes
 from idios.metrics import Metrics
 from idios.settings import Settings
 from idios.store import CollectionStore, Row
@@ -190,10 +188,11 @@ class Writer:
             metadata = {u: rows[u].metadata or {} for u in urls}
             for e in edits:
                 metadata[e.url] = merge_patch(metadata[e.url], e.metadata) if e.merge else (e.metadata or {})
+            last = {e.url: i for i, e in enumerate(edits)}
             for url, meta in metadata.items():
-                if (size := len(orjson.dumps(meta))) > METADATA_MAX:
+                if (size := metadata_bytes(meta)) > METADATA_MAX:
                     raise errors.MetadataTooLong(f"the metadata of {url} would be {size} bytes of JSON once "
-                                                 f"merged, more than {METADATA_MAX}")
+                                                 f"merged, more than {METADATA_MAX}", edit=last[url])
             await self._write_chunks(model, [replace(rows[u], metadata=metadata[u]) for u in urls], claimed=True)
         await self.settle(model)
         return []

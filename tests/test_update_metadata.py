@@ -116,6 +116,9 @@ async def test_bad_edits_are_422_naming_where(service: Service, uniq: str) -> No
         ([{"url": url, "metadata": {}}] * (service.backend.settings.max_bulk_items + 1), ["body"], "list_type"),
         ({"url": url, "metadata": {"b": "y" * 40_000}, "merge": True}, ["body", "metadata"],
          "value_error.metadata_json_too_long"),
+        ([{"url": url, "metadata": {"c": 1}, "merge": True}, {"url": url, "metadata": {"b": "y" * 40_000},
+                                                               "merge": True}], ["body", 1, "metadata"],
+         "value_error.metadata_json_too_long"),
     ]
     for edit, loc, kind in cases:
         status, body = await post(service, "/update_metadata", edit)

@@ -31,7 +31,13 @@ async def update_metadata(request: web.Request) -> web.Response:
         items = [parse(MetadataEditRequest, data)]
     edits = [MetadataEdit(i.url, i.metadata, i.merge) for i in items]
     async with be.writer.sending(spec.name, {e.url for e in edits}):  # ordered with adds through this process
-        missing = await be.writer.edit_metadata(spec.name, edits)
+        try:
+            missing = await be.writer.edit_metadata(spec.name, edits)
+        except errors.MetadataTooLong as exc:
+            edit = exc.extra.pop("edit", None)
+            if isinstance(data, list) and edit is not None:  # name the (last) edit of that url in the list
+                exc.loc = ("body", edit, "metadata")
+            raise
     if missing:
         raise errors.NotFound(f"{len(missing)} of the urls are not stored in model {spec.name}; nothing was "
                               f"changed", missing=missing)

@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from yarl import URL
 
 from idios import errors, iiif
-from idios.limits import METADATA_MAX, PAGE_MAX, URL_MAX
+from idios.limits import METADATA_MAX, PAGE_MAX, URL_MAX, metadata_bytes
 from idios.phash import valid as valid_phash
 
 
@@ -38,7 +38,7 @@ def check_url(value: str) -> str:
 def check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    size = len(orjson.dumps(value))  # UTF-8 bytes (limits.METADATA_MAX)
+    size = metadata_bytes(value)
     if size > METADATA_MAX:
         raise PydanticCustomError(
             "value_error.metadata_json_too_long", f"metadata json too long ({size} > {METADATA_MAX})"
