@@ -174,23 +174,26 @@ class CollectionStore:
 
     async def where(self, model: str, conditions: dict[str, Any] | None) -> str:
         """The Milvus expression of a filter object (idios/filters.py), "" for none. Milvus Lite 2.5.1 has no
-        `not`: there a negated range or contains is the rows it does not match, by primary key, as long as it
-        matches at most LITE_NOT_ROWS (else a 422 `filter_unsupported`). The server negates by itself."""
+        `not`: there a negated range or contains is the rows it does not match, by primary key, as long as the
+        negated conditions together match at most LITE_NOT_ROWS (else a 422 `filter_unsupported`), which also
+        bounds the expression's size. The server negates by itself."""
         if not conditions:
             return ""
         cond = filters.normal_form(filters.parse(conditions))
         if not self.is_milvus_lite:
             return filters.to_expr(cond)
-        name, left_out = self._collection(model), {}
+        name, left_out, budget = self._collection(model), {}, LITE_NOT_ROWS  # rows left out, all conditions together
         for leaf in filters.negated_leaves(cond):
             if leaf not in left_out:
                 # one query, one hit more than may be left out: no write comes between a count and the read
                 rows = await self._read(self.client.query(name, filter=leaf.expr(), output_fields=["url"],
-                                                          limit=LITE_NOT_ROWS + 1))
-                if len(rows) > LITE_NOT_ROWS:
+                                                          limit=budget + 1))
+                if len(rows) > budget:
                     raise errors.FilterUnsupported(
-                        f"Milvus Lite cannot negate a condition ({leaf.expr()}) that more than {LITE_NOT_ROWS} "
-                        f"rows match; write its opposite (gte for lt, ...) or use a Milvus server")
+                        f"Milvus Lite cannot negate a condition ({leaf.expr()}) that, with the filter's other "
+                        f"negated ones, more than {LITE_NOT_ROWS} rows match; write its opposite (gte for lt, ...) "
+                        f"or use a Milvus server")
+                budget -= len(rows)
                 left_out[leaf] = filters.url_not_in(r["url"] for r in rows)  # stored keys, as they are
         return filters.to_expr(cond, left_out.__getitem__)
 
