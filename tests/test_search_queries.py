@@ -87,9 +87,11 @@ async def test_each_kind_of_part_asks_what_its_single_search_asks(service: Servi
     assert [h["similarity"] for h in answers[0]] == pytest.approx([h["similarity"] for h in answers[1]], abs=2e-3)
 
 
-async def test_bad_queries_are_refused_clearly(service: Service, rows: tuple[str, dict[str, np.ndarray]]) -> None:
+async def test_bad_queries_are_refused_clearly(service: Service, images: str,
+                                               rows: tuple[str, dict[str, np.ndarray]]) -> None:
     scope, vectors = rows
     a = next(iter(vectors))
+    not_an_image = f"{images}/not-an-image"
     cases: list[tuple[str, Any, int, str, list[Any] | None]] = [
         ("thumb_grid", {"queries": [{"url": a, "indexed": True}, {"url": a, "indexed": True, "weight": -1}]},
          422, "value_error", ["body", "queries"]),
@@ -109,6 +111,8 @@ async def test_bad_queries_are_refused_clearly(service: Service, rows: tuple[str
          ["body", "queries", 0, "indexed"]),
         ("thumb_grid", {"queries": [{"indexed": 1}]}, 422, "value_error.indexed", ["body", "queries", 0, "indexed"]),
         ("thumb_grid", {"queries": [{"indexed": a + "x"}]}, 404, "not_found", None),
+        ("thumb_grid", {"queries": [{"indexed": a}, {"url": not_an_image, "weight": 2}]}, 422, "not_an_image",
+         ["body", "queries", 1, "url"]),
         ("thumb_grid", {"queries": [{"url": a, "indexed": True}, {"text": "red"}]}, 422, "text_not_supported",
          ["body", "queries", 1, "text"]),
         ("thumb_grid", {"queries": [{"url": a + "x", "indexed": True}]}, 404, "not_found", None),
@@ -146,16 +150,21 @@ async def test_a_batch_answers_each_body_as_its_own_search_would(
     assert batch[0] == batch[7] and batch[0][0]["url"] == urls[0] and len(batch[2]) == 3
 
 
-async def test_a_bad_body_fails_the_batch_naming_it(service: Service,
+async def test_a_bad_body_fails_the_batch_naming_it(service: Service, images: str,
                                                     rows: tuple[str, dict[str, np.ndarray]]) -> None:
     scope, vectors = rows
     good = {"url": next(iter(vectors)), "indexed": True}
+    not_an_image = f"{images}/not-an-image"
     cases: list[tuple[Any, int, str, list[Any] | None]] = [
         ([good, {"url": good["url"], "indexed": True, "limit": 0}], 422, "greater_than_equal", ["body", 1, "limit"]),
         ([good, {"indexed": True}], 422, "value_error", ["body", 1, "url"]),
         ([good, good, {"limit": 3}], 422, "value_error", ["body", 2]),
         ([good, {**good, "filter": {"k": {"gtx": 1}}}], 422, "value_error", ["body", 1, "filter", "k", "gtx"]),
         ([good, {"text": "red"}], 422, "text_not_supported", ["body", 1, "text"]),
+        ([good, {"queries": [{"text": "red"}]}], 422, "text_not_supported", ["body", 1, "queries", 0, "text"]),
+        ([good, {"url": not_an_image}], 422, "not_an_image", ["body", 1, "url"]),
+        ([good, {"queries": [good, {"url": not_an_image}]}], 422, "not_an_image",
+         ["body", 1, "queries", 1, "url"]),
         ([{"url": good["url"] + "x", "indexed": True}], 404, "not_found", None),
         ([], 422, "list_type", ["body"]),
         ([good] * 101, 422, "list_type", ["body"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
@@ -117,14 +117,19 @@ def filter_key(req: SearchRequest) -> bytes:
 
 
 @contextmanager
-def at(i: int) -> Iterator[None]:
-    """A field error of the i-th body of a batch names that body: ["body", i, ...]."""
+def within(prefix: tuple[str | int, ...]) -> Iterator[None]:
+    """A field error of a body's part names where that part is: ["body", "url"] becomes [*prefix, "url"]."""
     try:
         yield
     except errors.FieldError as exc:
         if exc.loc[:1] == ("body",):
-            exc.loc = ("body", i, *exc.loc[1:])
+            exc.loc = (*prefix, *exc.loc[1:])
         raise
+
+
+def at(i: int) -> AbstractContextManager[None]:
+    """A field error of the i-th body of a batch names that body: ["body", i, ...]."""
+    return within(("body", i))
 
 
 async def weighted(request: web.Request, spec: ModelSpec, parts: list[QueryPart], image: bytes | None,
@@ -141,7 +146,8 @@ async def weighted(request: web.Request, spec: ModelSpec, parts: list[QueryPart]
     async def vector_of(i: int, part: QueryPart) -> np.ndarray:
         if part.indexed and part.url:  # read above, all in one query
             return stored_of(stored, spec, part.url)
-        return await part_vector(request, spec, part, image, (*loc, "queries", i))
+        with within((*loc, "queries", i)):  # an image's or a text's error names its part
+            return await part_vector(request, spec, part, image)
 
     with errors.first_failure():
         async with asyncio.TaskGroup() as group:  # one failing part cancels the others
@@ -155,15 +161,14 @@ async def weighted(request: web.Request, spec: ModelSpec, parts: list[QueryPart]
     return np.asarray(total / norm, dtype=np.float32)
 
 
-async def part_vector(request: web.Request, spec: ModelSpec, part: QueryPart, image: bytes | None,
-                      loc: tuple[str | int, ...]) -> np.ndarray:
+async def part_vector(request: web.Request, spec: ModelSpec, part: QueryPart, image: bytes | None) -> np.ndarray:
     """One part's vector: a stored one (`indexed`), an image's (url or upload), or a text's."""
     if part.url is not None:
         return await (stored_vector(request, spec, part.url) if part.indexed else embed(request, spec, part.url, None))
     if part.image:
         return await embed(request, spec, None, image)
     assert part.text is not None  # QueryPart's validator: exactly one source
-    return await text_vector(request, spec, part.text, (*loc, "text"))
+    return await text_vector(request, spec, part.text)
 
 
 async def stored_vector(request: web.Request, spec: ModelSpec, url: str) -> np.ndarray:
@@ -184,10 +189,9 @@ def stored_of(stored: dict[str, np.ndarray], spec: ModelSpec, url: str, **extra:
     return stored[url]
 
 
-async def text_vector(request: web.Request, spec: ModelSpec, text: str,
-                      loc: tuple[str | int, ...] = ("body", "text")) -> np.ndarray:
+async def text_vector(request: web.Request, spec: ModelSpec, text: str) -> np.ndarray:
     texts = backend(request).texts
     if spec.name not in texts:
         why = "has no text tower" if not spec.has_text else "has its text search turned off (IDIOS_TEXT_SEARCH)"
-        raise errors.TextNotSupported(f"Model {spec.name} {why}; search by image instead", loc=loc)
+        raise errors.TextNotSupported(f"Model {spec.name} {why}; search by image instead", loc=("body", "text"))
     return await texts[spec.name].embed(text)
