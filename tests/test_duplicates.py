@@ -165,6 +165,33 @@ async def test_one_running_job_per_model_and_cancel(tmp_path: Path, models_dir: 
         await finished(svc, other["job"])
 
 
+async def test_one_running_job_per_model_on_a_milvus_server(service: Service, uniq: str) -> None:
+    """The distributed deployment: a second start is a 409 naming the running job, a cancel ends it, and the
+    model is free again for a job that then finds the planted triples (filtered to this test's rows)."""
+    if service.backend.store.is_milvus_lite:
+        pytest.skip("the embedded deployment's is test_one_running_job_per_model_and_cancel, on a service of its own")
+    rows, expected = clustered(np.random.default_rng(11), 4_000, 192, 20)
+    for row in rows:
+        row["url"] = row["url"].replace("example.org/", f"example.org/{uniq}/")
+        row["metadata"] = {"scope": uniq}
+    await restore(service, "thumb_grid", rows)
+    status, first = await start(service, "thumb_grid", min_similarity=95, filter={"scope": uniq})
+    assert status == 202, first
+    status, again = await start(service, "thumb_grid", filter={"scope": uniq})
+    assert status == 409 and again["type"] == "job_running" and again["job"] == first["job"], again
+    async with service.http.delete(f"{service.url}/jobs/{first['job']}") as resp:
+        assert resp.status == 200 and (await resp.json())["state"] == "cancelled"
+    record = await finished(service, first["job"])
+    assert record["state"] == "cancelled" and record["done"] < record["total"] == 4_000, record
+    status, second = await start(service, "thumb_grid", min_similarity=95, filter={"scope": uniq})
+    assert status == 202, second
+    record = await finished(service, second["job"], timeout=240)
+    assert record["state"] == "done" and record["groups"] == 20, record
+    found = {frozenset(g["urls"]) for g in await all_groups(service, second["job"], 7)}
+    assert found == {frozenset(u.replace("example.org/", f"example.org/{uniq}/") for u in group)
+                     for group in expected}
+
+
 @pytest.mark.parametrize("memory_mb", [1024, 0], ids=["in_memory", "range_search"])
 async def test_a_job_resumes_from_its_checkpoint_after_a_restart(tmp_path: Path, models_dir: Path,
                                                                  memory_mb: int) -> None:
