@@ -139,15 +139,25 @@ async def test_milvus_killed_during_add_bulk_loses_no_answered_write_and_idios_r
 ) -> None:
     """SIGKILL of the Milvus server while workers write an add_bulk, restarted on its data: reads during the
     outage are 503 store_unavailable at once, writes wait (an outage shorter than IDIOS_MILVUS_RETRY costs
-    no image), every url answered as added is stored, and nothing is restarted but Milvus."""
+    no image), every url answered as added is stored, and nothing is restarted but Milvus. A duplicates job
+    running meanwhile (on the other model) goes on from its checkpoint and finds every planted group."""
+    from tests.test_duplicates import all_groups, clustered, finished, job_of, restore
+
     async with distributed(tmp_path, models_dir, milvus, workers=2) as (svc, _, _):
         tag = uuid.uuid4().hex[:8]
+        rows, planted = clustered(np.random.default_rng(17), 6_000, 192, 10)
+        await restore(svc, "thumb_text", rows)
+        status, job = await call(svc.http, "POST", svc.model("thumb_text") + "/duplicates",
+                                 json={"min_similarity": 95})
+        assert status == 202, job
         urls = [f"{images}/slow/mkill-{tag}-{i}.jpg?delay=0.4" for i in range(120)]
         started = time.monotonic()
         bulk = asyncio.create_task(call(svc.http, "POST", svc.model("thumb_grid") + "/add_bulk",
                                         json=[{"url": u} for u in urls]))
         await asyncio.sleep(2.0)  # jobs are being fetched, embedded and written
         assert not bulk.done()
+        before = await job_of(svc, job["job"])
+        assert before["state"] == "running" and before["done"] < before["total"], before
         milvus.kill()
         restarted = threading.Event()
         failure: list[BaseException] = []
@@ -184,8 +194,12 @@ async def test_milvus_killed_during_add_bulk_loses_no_answered_write_and_idios_r
         assert result["failed"] == [] and sorted(result["added"]) == sorted(urls), result["failed"][:3]
         status, count = await call(svc.http, "GET", svc.model("thumb_grid") + "/count")
         assert (status, count) == (200, len(urls))
+        record = await finished(svc, job["job"], timeout=180)
+        assert record["state"] == "done" and record["total"] == 6_000 and record["groups"] == 10, record
+        assert {frozenset(g["urls"]) for g in await all_groups(svc, job["job"], 4)} == {frozenset(g) for g in planted}
         print(f"milvus kill: add_bulk of {len(urls)} answered in {took:.1f} s, all stored; reads 200 again "
-              f"{recovered:.1f} s after the server answered")
+              f"{recovered:.1f} s after the server answered; the duplicates job, {before['done']} of 6,000 rows "
+              f"done at the kill, finished with its 10 groups")
 
 
 async def test_a_collection_found_without_its_index_gets_one(
