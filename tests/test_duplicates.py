@@ -192,6 +192,34 @@ async def test_one_running_job_per_model_on_a_milvus_server(service: Service, un
                      for group in expected}
 
 
+async def test_a_job_whose_collection_is_dropped_under_it_fails_and_says_why(tmp_path: Path,
+                                                                            models_dir: Path) -> None:
+    """A failure that is not an outage (the model's collection dropped part way, by hand): the job ends `failed`
+    with the store's error in `error` and a `finished` time, its groups are refused (409 job_not_done), it cannot
+    be cancelled (409 job_finished), and the model takes a new job."""
+    rows, _ = clustered(np.random.default_rng(6), 6_000, 192, 10)
+    async with running_service(make_settings(tmp_path, models_dir, dedup_memory_mb=0)) as svc:  # range searched
+        await restore(svc, "thumb_grid", rows)
+        status, body = await start(svc, "thumb_grid", min_similarity=95)
+        assert status == 202
+        async with asyncio.timeout(60):
+            while (seen := await job_of(svc, body["job"]))["done"] == 0:
+                await asyncio.sleep(0.01)
+        assert seen["state"] == "running", seen
+        store = svc.backend.store
+        await store.client.drop_collection(store._collection("thumb_grid"))
+        record = await finished(svc, body["job"])
+        assert record["state"] == "failed" and record["finished"] and record["done"] < 6_000, record
+        assert "collection not found" in record["error"], record  # Milvus's own words
+        async with svc.http.get(f"{svc.url}/jobs/{body['job']}/groups") as resp:
+            assert resp.status == 409 and (await resp.json())["type"] == "job_not_done"
+        async with svc.http.delete(f"{svc.url}/jobs/{body['job']}") as resp:
+            assert resp.status == 409 and (await resp.json())["type"] == "job_finished"
+        status, other = await start(svc, "thumb_text")
+        assert status == 202, other
+        assert (await finished(svc, other["job"]))["state"] == "done"
+
+
 @pytest.mark.parametrize("memory_mb", [1024, 0], ids=["in_memory", "range_search"])
 async def test_a_job_resumes_from_its_checkpoint_after_a_restart(tmp_path: Path, models_dir: Path,
                                                                  memory_mb: int) -> None:
