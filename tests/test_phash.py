@@ -22,6 +22,7 @@ from idios.models import load_manifest
 from idios.phash import EXACT_BITS, distance, phash, valid
 from tests.conftest import Service, make_settings, running_service
 from tests.test_api import post, post_bytes
+from tests.test_duplicates import all_groups, finished
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -234,6 +235,16 @@ async def test_a_collection_made_before_the_hash_keeps_working_without_it(
         status, rows = await post(svc, "/models/thumb_grid/dump", {"limit": 100})
         assert status == 200 and len(rows) == 4
         assert all(set(r) == {"url", "embedding", "metadata"} for r in rows)
+        # a duplicates job there groups by similarity alone: its groups have no `exact`
+        twins = [{"url": f"http://old.test/twin{i}", "metadata": {}, "embedding": unit_rows(1, 9)[0].tolist()}
+                 for i in range(2)]
+        assert (await post(svc, "/models/thumb_grid/restore", twins))[0] == 204
+        status, job = await post(svc, "/models/thumb_grid/duplicates", {"min_similarity": 99})
+        assert status == 202, job
+        assert (await finished(svc, job["job"]))["state"] == "done"
+        groups = await all_groups(svc, job["job"], 10)
+        assert {tuple(g["urls"]) for g in groups} >= {("http://old.test/twin0", "http://old.test/twin1")}, groups
+        assert all("exact" not in g for g in groups), groups
         assert (await post(svc, "/models/thumb_text/add", {"url": url}))[0] == 204
         [row] = (await post(svc, "/models/thumb_text/dump", {"limit": 10}))[1]
         assert valid(row["phash"])
