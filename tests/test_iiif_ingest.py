@@ -401,6 +401,41 @@ async def test_bulk_ingest_stores_every_painted_image_and_resumes(
         assert (again["records"], again["found"], again["failed"]) == (2, 2, 0)
 
 
+async def test_images_that_hostile_servers_serve_fail_one_by_one_in_the_failed_file(
+    site: DocSite, ref: ReferenceServer, tmp_path: Path, models_dir: Path
+) -> None:
+    """A manifest whose canvases point at hostile image servers (tests/test_iiif.py's impostor: an info.json of
+    absurd size, a 404, one ignoring the size asked for) beside a good one: each bad image is a line of the failed
+    file with its type and the others are stored; a re-run resumes, and the failed file fed back tries them again."""
+    from tests.test_iiif import impostor
+
+    async with serving(impostor((ref.folder / "coffee.jpg").read_bytes())) as hostile:
+        mid, base = f"{site.url}/hostile.json", f"{site.url}/hostile"
+        manifest = Manifest(id=mid, label="hostile servers")
+        services = [ref.service("chelsea", "3.0")] + [f"{hostile}/iiif/{name}" for name in ("absurd", "missing",
+                                                                                            "ignores")]
+        for i, service in enumerate(services):
+            body = AnnotationBody(id=full(service), type="Image",
+                                  service=[ServiceV3(id=service, type="ImageService3", profile="level1")])
+            manifest.add_item(painted(f"{base}/c{i}", f"canvas {i}", [body]))
+        site.put("/hostile.json", prezi(manifest))
+        async with running_service(make_settings(tmp_path / "data", models_dir)) as svc:
+            common = ["--server", svc.url, "--model", "thumb_grid", "--retries", "1", "--backoff-max", "0.2"]
+            first = (await ingest(mid, *common, cwd=tmp_path)).summary
+            assert (first["records"], first["added"], first["failed"]) == (4, 2, 2), first
+            failed = [json.loads(line) for f in tmp_path.glob("*.thumb_grid.failed.jsonl")
+                      for line in f.read_text().splitlines()]
+            assert [(f["position"], f["url"], f["type"]) for f in failed] == [
+                (1, full(services[1]), "iiif_info_invalid"), (2, full(services[2]), "image_http_error")], failed
+            assert set(await dump(svc)) == {full(services[0]), full(services[3])}
+            again = (await ingest(mid, *common, cwd=tmp_path)).summary  # resumed: all four handled, none sent
+            assert (again["already_done"], again["sent"], again["failed"]) == (4, 0, 0), again
+            [listed] = tmp_path.glob("*.thumb_grid.failed.jsonl")
+            assert len(listed.read_text().splitlines()) == 2, "the failed file keeps its lines, once each"
+            retried = (await ingest(listed, *common, "--no-state", cwd=tmp_path)).summary  # fed back: tried again
+            assert (retried["records"], retried["sent"], retried["failed"]) == (2, 2, 2), retried
+
+
 async def test_format_choices_are_checked_in_one_line(tmp_path: Path) -> None:
     page = tmp_path / "list.json"  # a .json file that is not IIIF keeps the old detection (JSON Lines here)
     page.write_text('{"url": "http://127.0.0.1:9/a.jpg"}\n')
