@@ -17,8 +17,12 @@ has no key: it is not done, and the next run fetches it again.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
+import ipaddress
+import json
 import re
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -26,14 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from iiif_documents import classify, doc_id, embedded, manifest_images, members
 from ingest_input import Record
-from service_client import RETRY_STATUSES, backoff, loads, say
+from service_client import RETRY_STATUSES, ScriptError, backoff, loads, say
 
 ACCEPT = "application/ld+json, application/json"
 MAX_BYTES = 64 * 1024 * 1024  # one document; a 10^5-canvas manifest is ~50 MB
 SNIFF_BYTES = 64 * 1024
+MAX_REDIRECTS = 10
+CREDENTIALS = frozenset({"authorization", "cookie", "proxy-authorization"})
+HEADERS_SHAPE = '{"host pattern": {"Header": "value"}}'
 PRESENTATION = re.compile(r"iiif\.io/api/presentation|\"@?type\"\s*:\s*\"(?:sc:)?(?:Manifest|Collection)\"")
 
 
@@ -48,15 +56,72 @@ class WalkOptions:
     retries: int = 2
     backoff_max: float = 30.0
     max_bytes: int = MAX_BYTES
+    headers: str = ""  # JSON, as the service's IDIOS_FETCH_HEADERS: request headers per document host
 
 
 class DocumentError(Exception):
-    """A document that cannot be used; `kind` is the failed file's type."""
+    """A document that cannot be used; `kind` is the failed file's type; `wait`: the server's Retry-After."""
 
-    def __init__(self, kind: str, message: str, transient: bool = False) -> None:
+    def __init__(self, kind: str, message: str, transient: bool = False, wait: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.transient = transient
+        self.wait = wait
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (delay-seconds or an HTTP-date); None for none or nonsense."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class DocumentHeaders:
+    """Request headers per document host: the JSON of the service's IDIOS_FETCH_HEADERS (the default of
+    --iiif-headers), its host patterns (names, `*.example.org`; comma-separated) and its rule that credentials
+    (Authorization, Cookie, Proxy-Authorization) never travel over plain http to another machine."""
+
+    def __init__(self, spec: str) -> None:
+        self._rules: list[tuple[list[str], dict[str, str]]] = []
+        if not spec.strip():
+            return
+        try:
+            data = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ScriptError(f"--iiif-headers is not JSON ({exc}); it must be {HEADERS_SHAPE}") from None
+        if not isinstance(data, dict) or not all(
+                isinstance(h, dict) and all(isinstance(k, str) and isinstance(v, str) and not any(
+                    c in k + v for c in "\r\n\0") for k, v in h.items()) for h in data.values()):
+            raise ScriptError(f"--iiif-headers must be {HEADERS_SHAPE}, one-line strings")
+        for pattern, headers in data.items():
+            self._rules.append(([p.strip().lower().rstrip(".") for p in pattern.split(",") if p.strip()], headers))
+
+    def for_url(self, url: str) -> dict[str, str]:
+        parsed = URL(url)
+        host = (parsed.host or "").lower().rstrip(".").strip("[]")
+        out: dict[str, str] = {}
+        for names, headers in self._rules:
+            if any(host == n or (n.startswith("*.") and host.endswith(n[1:])) for n in names):
+                out.update(headers)
+        if parsed.scheme != "https" and not loopback(host):
+            out = {k: v for k, v in out.items() if k.lower() not in CREDENTIALS}
+        return out
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_url(source: str) -> bool:
@@ -80,22 +145,30 @@ def url_stem(url: str) -> str:
 
 
 class DocumentFetcher:
-    """Fetches and parses one IIIF document, bounded in size and time; transient failures retried."""
+    """Fetches and parses one IIIF document, bounded in size and time; transient failures retried, after the
+    server's Retry-After when it gives one (a wait longer than --iiif-timeout fails the document at once, and the
+    next run asks again); each request, redirects included, carries its own host's headers (DocumentHeaders)."""
 
     def __init__(self, http: aiohttp.ClientSession, options: WalkOptions) -> None:
         self._http = http
         self._options = options
+        self._headers = DocumentHeaders(options.headers)
 
     async def url(self, url: str) -> Any:
         last: DocumentError | None = None
         for attempt in range(self._options.retries + 1):
             if attempt:
-                await asyncio.sleep(backoff(attempt - 1, self._options.backoff_max))
+                assert last is not None
+                delay = backoff(attempt - 1, self._options.backoff_max)
+                await asyncio.sleep(delay if last.wait is None else max(delay, last.wait))
             try:
                 return await parse(await self._once(url))
             except DocumentError as exc:
                 if not exc.transient:
                     raise
+                if exc.wait is not None and exc.wait > self._options.timeout:
+                    raise DocumentError(exc.kind, f"{exc}, and asked to wait {exc.wait:.0f} s, longer than the "
+                                        f"{self._options.timeout:g} s a document may take", True) from None
                 last = exc
         assert last is not None
         raise last
@@ -103,24 +176,34 @@ class DocumentFetcher:
     async def _once(self, url: str) -> bytes:
         cap = self._options.max_bytes
         try:
-            async with self._http.get(url) as resp:
-                if resp.status >= 400:
-                    transient = resp.status in RETRY_STATUSES
-                    raise DocumentError("iiif_http_error", f"answered HTTP {resp.status}", transient)
-                if resp.content_length is not None and resp.content_length > cap:
-                    raise too_large(cap)
-                data = bytearray()
-                async for chunk in resp.content.iter_chunked(1 << 16):
-                    data += chunk
-                    if len(data) > cap:
-                        raise too_large(cap)
-                return bytes(data)
+            for _ in range(MAX_REDIRECTS + 1):  # followed here, so that each host gets its own headers only
+                async with self._http.get(url, headers=self._headers.for_url(url), allow_redirects=False) as resp:
+                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                        url = str(resp.url.join(URL(resp.headers["Location"])))
+                        continue
+                    return await self._body(resp, cap)
+            raise DocumentError("iiif_http_error", f"more than {MAX_REDIRECTS} redirects")
         except TimeoutError:
             raise DocumentError("iiif_timeout", f"no whole answer within {self._options.timeout:g} s", True) from None
-        except aiohttp.InvalidURL as exc:
+        except (aiohttp.InvalidURL, ValueError) as exc:
             raise DocumentError("iiif_bad_member", f"not a fetchable url: {exc}") from None
         except aiohttp.ClientError as exc:
             raise DocumentError("iiif_unreachable", f"{type(exc).__name__}: {exc}".rstrip(": "), True) from None
+
+    @staticmethod
+    async def _body(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+        if resp.status >= 400:
+            transient = resp.status in RETRY_STATUSES
+            wait = retry_after(resp.headers.get("Retry-After")) if resp.status in (429, 503) else None
+            raise DocumentError("iiif_http_error", f"answered HTTP {resp.status}", transient, wait)
+        if resp.content_length is not None and resp.content_length > cap:
+            raise too_large(cap)
+        data = bytearray()
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            data += chunk
+            if len(data) > cap:
+                raise too_large(cap)
+        return bytes(data)
 
     def file(self, path: str) -> bytes:
         size = Path(path).stat().st_size

@@ -4,11 +4,12 @@ spec, the IIIF walk's options, the name the state file gives the source)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from iiif_walk import WalkOptions, is_url, looks_like_iiif, url_stem
+from iiif_walk import DocumentHeaders, WalkOptions, is_url, looks_like_iiif, url_stem
 from ingest_input import DUMP_PAGE, FORMATS, InputSpec
-from service_client import add_service_args
+from service_client import ScriptError, add_service_args
 
 DESCRIPTION = """\
 Add the images listed in INPUT to an Idios service, in add_bulk batches sent with bounded concurrency.
@@ -101,6 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--iiif-timeout", type=float, default=60.0,
                    help="seconds allowed to fetch one document; connection errors, timeouts, 429 and 5xx are "
                         "retried as --retries says (default: %(default)s)")
+    g.add_argument("--iiif-headers", default=os.environ.get("IDIOS_FETCH_HEADERS", ""), metavar="JSON",
+                   help='request headers per document host, {"host pattern": {"Header": "value"}}, as the '
+                        "service's IDIOS_FETCH_HEADERS gives them for images (default: that variable); "
+                        "credentials are never sent over plain http to another machine")
     g = p.add_argument_group("sending")
     g.add_argument("--batch", type=int, default=256,
                    help="records per add_bulk request, at most the server's limit of 10,000 (default: %(default)s)")
@@ -155,6 +160,10 @@ def check_format(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     IIIF is not read from stdin; the --iiif-* limits must be positive."""
     if args.iiif_max_documents < 1 or args.iiif_max_depth < 0 or args.iiif_timeout <= 0:
         p.error("--iiif-max-documents and --iiif-timeout must be positive, --iiif-max-depth not negative")
+    try:
+        DocumentHeaders(args.iiif_headers)  # checked before anything is sent; the walk builds its own
+    except ScriptError as exc:
+        p.error(str(exc))
     if is_url(args.input):
         if args.format not in ("auto", "iiif"):
             p.error(f"a URL input is read as IIIF only (--format iiif or auto), not as {args.format}")
@@ -214,4 +223,4 @@ def input_spec(args: argparse.Namespace) -> InputSpec:
 def walk_options(args: argparse.Namespace) -> WalkOptions:
     return WalkOptions(language=args.iiif_language, max_documents=args.iiif_max_documents,
                        max_depth=args.iiif_max_depth, timeout=args.iiif_timeout, retries=max(0, args.retries),
-                       backoff_max=args.backoff_max)
+                       backoff_max=args.backoff_max, headers=args.iiif_headers)

@@ -326,6 +326,48 @@ async def test_hostile_members_fail_one_by_one_and_the_walk_goes_on(site: DocSit
         assert [(r.position, r.url, r.problem_type) for r in await walk(top)] == [(0, top, kind)]
 
 
+async def test_document_servers_get_their_retry_after_and_their_own_headers(site: DocSite) -> None:
+    """A 429 with Retry-After is asked again after that wait, not before; a wait longer than the document timeout
+    fails the document at once; each host gets the headers --iiif-headers names for it, and a redirect to
+    another host (localhost, the same server) does not carry the first host's token."""
+    _, doc = small_manifest(site, "polite/m")
+    seen: list[tuple[str, str | None, float]] = []
+    busy = {"/polite/m.json": 1}
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append((request.path, request.headers.get("X-Token"), time.monotonic()))
+        if request.path == "/polite/far.json":
+            return web.Response(status=429, headers={"Retry-After": "3600"})
+        if busy.get(request.path, 0) > 0:
+            busy[request.path] -= 1
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        if request.path == "/polite/moved.json":
+            raise web.HTTPFound(str(request.url.with_host("localhost").with_path("/polite/m.json")))
+        if request.headers.get("X-Token") != "t":
+            return web.Response(status=401)
+        return web.json_response(doc)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    async with serving(app) as url:
+        headers = json.dumps({"127.0.0.1": {"X-Token": "t"}})
+        started = time.monotonic()
+        records = await walk(f"{url}/polite/m.json", retries=2, headers=headers)
+        assert [r.problem for r in records] == [None] and records[0].url == f"{site.url}/img/polite/m/0.jpg"
+        first, again = [t for path, _, t in seen if path == "/polite/m.json"]
+        assert again - first >= 0.95, "asked again before its Retry-After"
+        assert all(token == "t" for _, token, _ in seen)
+        started = time.monotonic()
+        [far] = await walk(f"{url}/polite/far.json", retries=2, headers=headers, timeout=30)
+        assert far.problem_type == "iiif_http_error" and "asked to wait 3600 s" in str(far.problem), far.problem
+        assert time.monotonic() - started < 5 and [p for p, _, _ in seen].count("/polite/far.json") == 1
+        [moved] = await walk(f"{url}/polite/moved.json", headers=headers)
+        assert moved.problem_type == "iiif_http_error" and "HTTP 401" in str(moved.problem), moved.problem
+        assert seen[-1][:2] == ("/polite/m.json", None), "the token followed the redirect to another host"
+        [plain] = await walk(f"{url}/polite/m.json", headers=json.dumps({"*.example.org": {"X-Token": "t"}}))
+        assert "HTTP 401" in str(plain.problem), "headers of another host pattern were sent"
+
+
 async def test_a_manifest_of_100000_canvases_flows_out_in_order(site: DocSite) -> None:
     n, mid = 100_000, f"{site.url}/huge.json"
     canvases = [{"id": f"{mid}/c{i}", "type": "Canvas", "label": {"none": [f"page {i}"]}, "height": 10, "width": 10,
@@ -441,7 +483,9 @@ async def test_format_choices_are_checked_in_one_line(tmp_path: Path) -> None:
     page.write_text('{"url": "http://127.0.0.1:9/a.jpg"}\n')
     for bad, words in ((["http://127.0.0.1:9/m.json", "--format", "csv"], "read as IIIF only"),
                        (["-", "--format", "iiif"], "not stdin"),
-                       ([page, "--format", "iiif", "--iiif-max-documents", "0"], "must be positive")):
+                       ([page, "--format", "iiif", "--iiif-max-documents", "0"], "must be positive"),
+                       ([page, "--format", "iiif", "--iiif-headers", "{"], "--iiif-headers is not JSON"),
+                       ([page, "--format", "iiif", "--iiif-headers", '{"h": {"A": 1}}'], "one-line strings")):
         res = await ingest(*bad, "--model", "m", cwd=tmp_path)
         assert res.rc == 2 and words in res.err.strip().splitlines()[-1], (bad, res.err)
     manifest = tmp_path / "manifest.json"
