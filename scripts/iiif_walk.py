@@ -17,6 +17,7 @@ has no key: it is not done, and the next run fetches it again.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import hashlib
 import ipaddress
@@ -42,6 +43,7 @@ SNIFF_BYTES = 64 * 1024
 MAX_REDIRECTS = 10
 CREDENTIALS = frozenset({"authorization", "cookie", "proxy-authorization"})
 HEADERS_SHAPE = '{"host pattern": {"Header": "value"}}'
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
 PRESENTATION = re.compile(r"iiif\.io/api/presentation|\"@?type\"\s*:\s*\"(?:sc:)?(?:Manifest|Collection)\"")
 
 
@@ -71,15 +73,15 @@ class DocumentError(Exception):
 
 def retry_after(value: str | None) -> float | None:
     """Seconds a Retry-After header asks for (delay-seconds or an HTTP-date); None for none or nonsense."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
+    value = (value or "").strip()
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # an HTTP-date is GMT; parsedate_to_datetime leaves "-0000" naive
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - time.time())
 
 
@@ -97,11 +99,15 @@ class DocumentHeaders:
         except json.JSONDecodeError as exc:
             raise ScriptError(f"--iiif-headers is not JSON ({exc}); it must be {HEADERS_SHAPE}") from None
         if not isinstance(data, dict) or not all(
-                isinstance(h, dict) and all(isinstance(k, str) and isinstance(v, str) and not any(
-                    c in k + v for c in "\r\n\0") for k, v in h.items()) for h in data.values()):
-            raise ScriptError(f"--iiif-headers must be {HEADERS_SHAPE}, one-line strings")
+                isinstance(h, dict) and all(isinstance(k, str) and TOKEN.fullmatch(k) and isinstance(v, str)
+                                            and not any(c in v for c in "\r\n\0") for k, v in h.items())
+                for h in data.values()):
+            raise ScriptError(f"--iiif-headers must be {HEADERS_SHAPE}: header names, one-line string values")
         for pattern, headers in data.items():
-            self._rules.append(([p.strip().lower().rstrip(".") for p in pattern.split(",") if p.strip()], headers))
+            names = [p.strip().lower().rstrip(".").strip("[]") for p in pattern.split(",")]
+            if not all(names) or any("*" in n.removeprefix("*.") for n in names):
+                raise ScriptError(f"--iiif-headers: {pattern!r} is not a host pattern (a name, or *.example.org)")
+            self._rules.append((names, headers))
 
     def for_url(self, url: str) -> dict[str, str]:
         parsed = URL(url)
@@ -176,13 +182,15 @@ class DocumentFetcher:
     async def _once(self, url: str) -> bytes:
         cap = self._options.max_bytes
         try:
-            for _ in range(MAX_REDIRECTS + 1):  # followed here, so that each host gets its own headers only
-                async with self._http.get(url, headers=self._headers.for_url(url), allow_redirects=False) as resp:
-                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                        url = str(resp.url.join(URL(resp.headers["Location"])))
-                        continue
-                    return await self._body(resp, cap)
-            raise DocumentError("iiif_http_error", f"more than {MAX_REDIRECTS} redirects")
+            async with asyncio.timeout(self._options.timeout):  # redirects included, as aiohttp's own would be
+                for _ in range(MAX_REDIRECTS + 1):  # followed here, so that each host gets its own headers only
+                    async with self._http.get(url, headers=self._headers.for_url(url),
+                                              allow_redirects=False) as resp:
+                        if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                            url = str(resp.url.join(URL(resp.headers["Location"])))
+                            continue
+                        return await self._body(resp, cap)
+                raise DocumentError("iiif_http_error", f"more than {MAX_REDIRECTS} redirects")
         except TimeoutError:
             raise DocumentError("iiif_timeout", f"no whole answer within {self._options.timeout:g} s", True) from None
         except (aiohttp.InvalidURL, ValueError) as exc:

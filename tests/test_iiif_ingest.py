@@ -5,6 +5,8 @@ and ingested by the script into the real embedded service."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import json
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +37,7 @@ from tests.test_scripts import Result, script
 import bulk_ingest  # noqa: E402  (scripts/, on sys.path via conftest)
 import iiif_documents  # noqa: E402
 from iiif_reference import ReferenceServer, reference_server  # noqa: E402
-from iiif_walk import ACCEPT, WalkOptions, iiif_records, url_stem  # noqa: E402
+from iiif_walk import ACCEPT, DocumentHeaders, WalkOptions, iiif_records, retry_after, url_stem  # noqa: E402
 from ingest_input import Record  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -351,7 +353,6 @@ async def test_document_servers_get_their_retry_after_and_their_own_headers(site
     app.router.add_get("/{tail:.*}", handle)
     async with serving(app) as url:
         headers = json.dumps({"127.0.0.1": {"X-Token": "t"}})
-        started = time.monotonic()
         records = await walk(f"{url}/polite/m.json", retries=2, headers=headers)
         assert [r.problem for r in records] == [None] and records[0].url == f"{site.url}/img/polite/m/0.jpg"
         first, again = [t for path, _, t in seen if path == "/polite/m.json"]
@@ -366,6 +367,34 @@ async def test_document_servers_get_their_retry_after_and_their_own_headers(site
         assert seen[-1][:2] == ("/polite/m.json", None), "the token followed the redirect to another host"
         [plain] = await walk(f"{url}/polite/m.json", headers=json.dumps({"*.example.org": {"X-Token": "t"}}))
         assert "HTTP 401" in str(plain.problem), "headers of another host pattern were sent"
+
+
+def test_document_headers_follow_the_services_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--iiif-headers as IDIOS_FETCH_HEADERS: credentials never over plain http to another machine, host patterns
+    (names, *.suffix, bracketed IPv6) matched alike, nonsense refused; Retry-After dates read as GMT whatever the
+    local time zone."""
+    from service_client import ScriptError
+
+    rules = DocumentHeaders(json.dumps({"h.test, [::1]": {"Authorization": "Bearer x", "User-Agent": "ua"},
+                                        "*.museum.test": {"Cookie": "c"}}))
+    assert rules.for_url("http://h.test/m.json") == {"User-Agent": "ua"}
+    assert rules.for_url("https://h.test/m.json") == {"Authorization": "Bearer x", "User-Agent": "ua"}
+    assert rules.for_url("http://[::1]:8080/m.json") == {"Authorization": "Bearer x", "User-Agent": "ua"}
+    assert rules.for_url("https://a.museum.test/m.json") == {"Cookie": "c"}
+    assert rules.for_url("https://museum.test/m.json") == {} and rules.for_url("https://other.test/") == {}
+    for bad in ('{"*": {"A": "b"}}', '{"h, ": {"A": "b"}}', '{"h": {"Bad Name": "b"}}', '{"h": {"A": "b\\nc"}}'):
+        with pytest.raises(ScriptError):
+            DocumentHeaders(bad)
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        soon = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+                                           + datetime.timedelta(seconds=30))  # "... -0000"
+        assert soon.endswith("-0000") and 25 < (retry_after(soon) or 0) <= 31, soon
+        assert retry_after("7") == 7 and retry_after("٣") is None and retry_after("soon") is None
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 async def test_a_manifest_of_100000_canvases_flows_out_in_order(site: DocSite) -> None:
@@ -485,7 +514,7 @@ async def test_format_choices_are_checked_in_one_line(tmp_path: Path) -> None:
                        (["-", "--format", "iiif"], "not stdin"),
                        ([page, "--format", "iiif", "--iiif-max-documents", "0"], "must be positive"),
                        ([page, "--format", "iiif", "--iiif-headers", "{"], "--iiif-headers is not JSON"),
-                       ([page, "--format", "iiif", "--iiif-headers", '{"h": {"A": 1}}'], "one-line strings")):
+                       ([page, "--format", "iiif", "--iiif-headers", '{"h": {"A": 1}}'], "one-line string values")):
         res = await ingest(*bad, "--model", "m", cwd=tmp_path)
         assert res.rc == 2 and words in res.err.strip().splitlines()[-1], (bad, res.err)
     manifest = tmp_path / "manifest.json"

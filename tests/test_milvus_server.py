@@ -140,7 +140,7 @@ async def test_milvus_killed_during_add_bulk_loses_no_answered_write_and_idios_r
     """SIGKILL of the Milvus server while workers write an add_bulk, restarted on its data: reads during the
     outage are 503 store_unavailable at once, writes wait (an outage shorter than IDIOS_MILVUS_RETRY costs
     no image), every url answered as added is stored, and nothing is restarted but Milvus. A duplicates job
-    running meanwhile (on the other model) goes on from its checkpoint and finds every planted group."""
+    running meanwhile (on the other model) keeps trying through the outage and finds every planted group."""
     from tests.test_duplicates import all_groups, clustered, finished, job_of, restore
 
     async with distributed(tmp_path, models_dir, milvus, workers=2) as (svc, _, _):

@@ -222,13 +222,13 @@ async def test_more_and_less_like_this_refine_the_search(driver: Any, service: S
     upload = encode(picture(f"{uniq}/refine-upload.png", (320, 240)), "PNG")
     file = tmp_path / "refine.png"
     file.write_bytes(upload)
-    opts: dict[str, Any] = {"limit": 5, "filter": {"scope": uniq}}
+    opts: dict[str, Any] = {"limit": 8, "filter": {"scope": uniq}}  # all 8: every hit stays in view
     loop = asyncio.get_running_loop()
 
     def scenario(d: Any) -> None:
         open_page(d, service.url, "thumb_grid")
         d.find_element("css selector", ".options summary").click()
-        fill(d, "limit", "5")
+        fill(d, "limit", "8")
         fill(d, "filter", json.dumps({"scope": uniq}))
         fill(d, "search-url", query)
         d.find_element("css selector", "#search-url-form button").click()
@@ -264,13 +264,22 @@ async def test_more_and_less_like_this_refine_the_search(driver: Any, service: S
         assert [c.get_attribute("class") for c in d.find_elements("css selector", "#query .refinement")] == [
             "refinement less"]
 
-        if less in [h["url"] for h in hits(d)]:  # clicked again the other way: the latest choice counts
-            click_hit_button(d, less, "more")
-            parts[1]["weight"] = 1
-            wait_for(d, "the refinement turned round", shows(api_search(
-                service, "thumb_grid", {"queries": parts, **opts}, loop)))
-            assert [c.get_attribute("class") for c in d.find_elements("css selector", "#query .refinement")] == [
-                "refinement more"]
+        click_hit_button(d, less, "more")  # clicked again the other way: the latest choice counts
+        parts[1]["weight"] = 1
+        turned = api_search(service, "thumb_grid", {"queries": parts, **opts}, loop)
+        wait_for(d, "the refinement turned round", shows(turned))
+        assert [c.get_attribute("class") for c in d.find_elements("css selector", "#query .refinement")] == [
+            "refinement more"]
+
+        fill(d, "search-url", f"{images}/not-an-image")  # a search that fails leaves the page as it was
+        d.find_element("css selector", "#search-url-form button").click()
+        wait_for(d, "the failed search", lambda d: status(d, "search-status")[0] == "status error")
+        assert shows(turned)(d) and len(d.find_elements("css selector", "#query .refinement")) == 1
+        other = next(h["url"] for h in turned if h["url"] != less)
+        click_hit_button(d, other, "less")  # ... and the buttons still refine what is shown
+        parts.append({"indexed": other, "weight": -0.5})
+        wait_for(d, "the shown search refined", shows(api_search(
+            service, "thumb_grid", {"queries": parts, **opts}, loop)))
 
         d.find_element("id", "search-file").send_keys(str(file))  # a new search starts over, here an upload
         plain = api_search(service, "thumb_grid", opts, loop, upload)

@@ -155,7 +155,7 @@ async def test_a_bad_body_fails_the_batch_naming_it(service: Service, images: st
     scope, vectors = rows
     good = {"url": next(iter(vectors)), "indexed": True}
     not_an_image = f"{images}/not-an-image"
-    cases: list[tuple[Any, int, str, list[Any] | None]] = [
+    cases: list[tuple[Any, int, str, list[Any] | int | None]] = [
         ([good, {"url": good["url"], "indexed": True, "limit": 0}], 422, "greater_than_equal", ["body", 1, "limit"]),
         ([good, {"indexed": True}], 422, "value_error", ["body", 1, "url"]),
         ([good, good, {"limit": 3}], 422, "value_error", ["body", 2]),
@@ -166,6 +166,7 @@ async def test_a_bad_body_fails_the_batch_naming_it(service: Service, images: st
         ([good, {"queries": [good, {"url": not_an_image}]}], 422, "not_an_image",
          ["body", 1, "queries", 1, "url"]),
         ([{"url": good["url"] + "x", "indexed": True}], 404, "not_found", None),
+        ([good, {"queries": [{"indexed": good["url"] + "x"}]}], 404, "not_found", 1),
         ([], 422, "list_type", ["body"]),
         ([good] * 101, 422, "list_type", ["body"]),
         (good, 422, "list_type", ["body"]),
@@ -173,8 +174,8 @@ async def test_a_bad_body_fails_the_batch_naming_it(service: Service, images: st
     for body, status, kind, loc in cases:
         got, answer = await post(service, "/search_batch", body)
         assert got == status, (body, answer)
-        if loc is None:
-            assert answer["type"] == kind and answer["index"] == 0, answer
+        if loc is None or isinstance(loc, int):  # a 404: its body's index (0 unless given)
+            assert answer["type"] == kind and answer["index"] == (loc or 0), answer
         else:
             assert answer["detail"][0]["type"] == kind and answer["detail"][0]["loc"] == loc, (body, answer)
 

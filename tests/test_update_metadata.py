@@ -145,9 +145,9 @@ async def test_an_edit_waits_for_an_add_of_its_url_in_flight(service: Service, i
 async def test_a_remove_waits_for_an_add_of_its_url_in_flight(service: Service, images: str, uniq: str) -> None:
     """A remove sent while the add of its url is still fetching a slow image is ordered after the add, as an
     edit is: the row is gone once both are answered (without waiting, the add would store it after the remove)."""
-    url = f"{images}/slow/{uniq}-removed.jpg?delay=1.5"
+    url = f"{images}/slow/{uniq}-removed.jpg?delay=3"
     adding = asyncio.create_task(post(service, "/add", {"url": url}))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)  # the add holds its url at once; its image comes 3 s later
     removed = await post(service, "/remove", {"url": url})
     assert (await adding)[0] == 204
     assert removed[0] == 204, removed

@@ -145,7 +145,8 @@ async def weighted(request: web.Request, spec: ModelSpec, parts: list[QueryPart]
 
     async def vector_of(i: int, part: QueryPart) -> np.ndarray:
         if part.indexed and part.url:  # read above, all in one query
-            return stored_of(stored, spec, part.url)
+            # in a batch (loc ["body", i]) the 404 names its body, as an indexed body's does
+            return stored_of(stored, spec, part.url, **({"index": loc[1]} if len(loc) > 1 else {}))
         with within((*loc, "queries", i)):  # an image's or a text's error names its part
             return await part_vector(request, spec, part, image)
 

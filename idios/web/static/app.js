@@ -4,7 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 // query: the search shown, {base: its query part, file, label, preview, refine: [{url, weight}]}; null before one.
-const state = { models: [], busy: 0, query: null };
+// asked: how many searches were sent; only the answer to the latest one is shown.
+const state = { models: [], busy: 0, query: null, asked: 0 };
 
 class ApiError extends Error {
   constructor(status, body, message) {
@@ -118,6 +119,7 @@ function onModelChange() {
   $("results").replaceChildren();
   $("query").hidden = true;
   state.query = null;
+  state.asked++;  // an answer still on its way was for the other model
   show("search-status", "");
   refreshCount().catch((err) => show("page-status", err.message, "error"));
   document.dispatchEvent(new CustomEvent("modelchange", { detail: model() }));  // duplicates.js follows it
@@ -156,7 +158,7 @@ function searchOptions() {
 // (search's `queries`): the query itself weighs 1.
 const MORE = 1;
 const LESS = -0.5;
-const REFINE_MAX = 9;  // a search takes at most 10 query parts (idios/limits.py QUERY_PARTS_MAX)
+const REFINE_MAX = 9;  // a search takes at most 10 query parts (idios/api/schemas.py QUERY_PARTS_MAX)
 
 function showQuery(q) {
   const box = $("query");
@@ -187,10 +189,7 @@ function showQuery(q) {
     remove.className = "remove";
     remove.textContent = "×";
     remove.setAttribute("aria-label", `Remove “${what} ${r.url}”`);
-    remove.addEventListener("click", () => {
-      q.refine = q.refine.filter((x) => x !== r);
-      runQuery();
-    });
+    remove.addEventListener("click", () => runQuery({ ...q, refine: q.refine.filter((x) => x !== r) }));
     if (isWeb(r.url)) chip.append(thumb);
     chip.append(text, remove);
     parts.push(chip);
@@ -212,70 +211,15 @@ function queryRequest(q, opts) {
   return { form };
 }
 
+// The shown query with `url` added as a part (or, when it is one already, turned to `weight`), searched.
 function refine(url, weight) {
   const q = state.query;
-  const known = q.refine.find((r) => r.url === url);
-  if (known) {
-    known.weight = weight;  // the same hit again: its latest choice counts
-  } else if (q.refine.length >= REFINE_MAX) {
+  const known = q.refine.some((r) => r.url === url);
+  if (!known && q.refine.length >= REFINE_MAX) {
     return show("search-status", `At most ${REFINE_MAX} hits can refine a search: remove one above first.`, "error");
-  } else {
-    q.refine.push({ url, weight });
   }
-  return runQuery();
-}
-
-// A IIIF Image API request (the same pattern as idios/iiif.py IMAGE_REQUEST, query string included): its
-// thumbnail comes through the Image API (idios.iiif.thumbnail names the first choice) instead of the master.
-const IIIF_IMAGE = new RegExp(
-  "^([hH][tT][tT][pP][sS]?://[^/?#]+/[^?#]*[^/?#])/" +
-  "(full|square|\\d+,\\d+,\\d+,\\d+|pct:\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?)/" +
-  "(full|\\^?max|\\^?\\d+,|\\^?,\\d+|\\^?!?\\d+,\\d+|\\^?pct:\\d+(?:\\.\\d+)?)/" +
-  "(!?\\d+(?:\\.\\d+)?)/(default|color|gray|bitonal|native|grey|colour)\\.(jpg|jpeg|png|gif|webp|tif|tiff|jp2|pdf)" +
-  "(\\?[^#]*)?$");
-const THUMB_SIDE = 200;
-
-// What to show for a stored url, best first: for a IIIF image, a 200-px derivative fitting the box (!w,h: level
-// 2), then 200 px wide (w,: level 1), then the url itself; for any other url, the url.
-function thumbSources(url, metadata = null) {
-  const m = IIIF_IMAGE.exec(url);
-  const service = metadata && metadata.iiif_service;
-  let base = null, region = "full", rotation = "0", quality = "default", query = "";
-  if (m) {
-    [base, region, rotation, quality, query] = [m[1], m[2], m[4], m[5], m[7] || ""];
-  } else if (typeof service === "string" && isWeb(service) &&
-             url.replace(/\/$/, "") === service.replace(/\/$/, "")) {
-    base = service.replace(/\/$/, "");  // a bare service base: the service bulk_ingest recorded for it
-  }
-  if (!base) return [url];
-  const at = (size) => `${base}/${region}/${size}/${rotation}/${quality}.jpg${query}`;
-  return [at(`!${THUMB_SIDE},${THUMB_SIDE}`), at(`${THUMB_SIDE},`), url];
-}
-
-function thumbSource(url, metadata = null) {
-  return thumbSources(url, metadata)[0];
-}
-
-// A thumbnail of a stored image linking to it (its url, loaded by the browser); a plain box for a url that is
-// only an id. Also used by duplicates.js.
-function thumbLink(url, alt, metadata) {
-  const link = document.createElement(isWeb(url) ? "a" : "div");
-  link.className = "thumb";
-  if (isWeb(url)) {
-    link.href = url;
-    link.target = "_blank";
-    link.rel = "noopener noreferrer";
-    const img = document.createElement("img");
-    const sources = thumbSources(url, metadata);
-    img.src = sources.shift();
-    img.alt = alt;
-    img.loading = "lazy";
-    img.referrerPolicy = "no-referrer";
-    // a server that cannot cut that size (a level-0 or level-1 IIIF server): the next choice, then give up
-    img.addEventListener("error", () => (sources.length ? (img.src = sources.shift()) : link.classList.add("broken")));
-    link.append(img);
-  }
-  return link;
+  const refined = known ? q.refine.map((r) => (r.url === url ? { url, weight } : r)) : [...q.refine, { url, weight }];
+  return runQuery({ ...q, refine: refined });
 }
 
 function hitCard(hit, rank) {
@@ -322,12 +266,15 @@ function hitCard(hit, rank) {
   return li;
 }
 
-// Show the answer to state.query (a new search, or one refined by a hit's buttons or a removed refinement).
-async function runQuery(form = null) {
-  const q = state.query;
+// Search for `q` (a new search, or the shown one refined by a hit's buttons or a removed refinement) and show
+// its answer: only then does `q` become the query shown, so a failed search leaves the page as it was, and an
+// answer that comes after a later search was sent is dropped.
+async function runQuery(q, form = null) {
+  const asked = ++state.asked;
   await guarded("search-status", form, async () => {
     const hits = await api(route("search"), queryRequest(q, searchOptions()));
-    if (q !== state.query) return;  // another search was started meanwhile: its answer is the one to show
+    if (asked !== state.asked) return;  // a later search was sent meanwhile: its answer is the one to show
+    state.query = q;
     showQuery(q);
     $("results").replaceChildren(...hits.map((h, i) => hitCard(h, i + 1)));
     show("search-status", hits.length ? `${hits.length} result${hits.length === 1 ? "" : "s"}, best first.`
@@ -336,8 +283,7 @@ async function runQuery(form = null) {
 }
 
 function search(form, base, file, label, preview) {
-  state.query = { base, file, label, preview, refine: [] };
-  return runQuery(form);
+  return runQuery({ base, file, label, preview, refine: [] }, form);
 }
 
 function searchFile(file) {
