@@ -222,6 +222,59 @@ function refine(url, weight) {
   return runQuery({ ...q, refine: refined });
 }
 
+// A IIIF Image API request (the same pattern as idios/iiif.py IMAGE_REQUEST, query string included): its
+// thumbnail comes through the Image API (idios.iiif.thumbnail names the first choice) instead of the master.
+const IIIF_IMAGE = new RegExp(
+  "^([hH][tT][tT][pP][sS]?://[^/?#]+/[^?#]*[^/?#])/" +
+  "(full|square|\\d+,\\d+,\\d+,\\d+|pct:\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?,\\d+(?:\\.\\d+)?)/" +
+  "(full|\\^?max|\\^?\\d+,|\\^?,\\d+|\\^?!?\\d+,\\d+|\\^?pct:\\d+(?:\\.\\d+)?)/" +
+  "(!?\\d+(?:\\.\\d+)?)/(default|color|gray|bitonal|native|grey|colour)\\.(jpg|jpeg|png|gif|webp|tif|tiff|jp2|pdf)" +
+  "(\\?[^#]*)?$");
+const THUMB_SIDE = 200;
+
+// What to show for a stored url, best first: for a IIIF image, a 200-px derivative fitting the box (!w,h: level
+// 2), then 200 px wide (w,: level 1), then the url itself; for any other url, the url.
+function thumbSources(url, metadata = null) {
+  const m = IIIF_IMAGE.exec(url);
+  const service = metadata && metadata.iiif_service;
+  let base = null, region = "full", rotation = "0", quality = "default", query = "";
+  if (m) {
+    [base, region, rotation, quality, query] = [m[1], m[2], m[4], m[5], m[7] || ""];
+  } else if (typeof service === "string" && isWeb(service) &&
+             url.replace(/\/$/, "") === service.replace(/\/$/, "")) {
+    base = service.replace(/\/$/, "");  // a bare service base: the service bulk_ingest recorded for it
+  }
+  if (!base) return [url];
+  const at = (size) => `${base}/${region}/${size}/${rotation}/${quality}.jpg${query}`;
+  return [at(`!${THUMB_SIDE},${THUMB_SIDE}`), at(`${THUMB_SIDE},`), url];
+}
+
+function thumbSource(url, metadata = null) {
+  return thumbSources(url, metadata)[0];
+}
+
+// A thumbnail of a stored image linking to it (its url, loaded by the browser); a plain box for a url that is
+// only an id. Also used by duplicates.js.
+function thumbLink(url, alt, metadata) {
+  const link = document.createElement(isWeb(url) ? "a" : "div");
+  link.className = "thumb";
+  if (isWeb(url)) {
+    link.href = url;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    const img = document.createElement("img");
+    const sources = thumbSources(url, metadata);
+    img.src = sources.shift();
+    img.alt = alt;
+    img.loading = "lazy";
+    img.referrerPolicy = "no-referrer";
+    // a server that cannot cut that size (a level-0 or level-1 IIIF server): the next choice, then give up
+    img.addEventListener("error", () => (sources.length ? (img.src = sources.shift()) : link.classList.add("broken")));
+    link.append(img);
+  }
+  return link;
+}
+
 function hitCard(hit, rank) {
   const li = document.createElement("li");
   li.className = "hit";
