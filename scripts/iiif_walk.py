@@ -71,7 +71,13 @@ class DocumentError(Exception):
         self.wait = wait
 
 
-def retry_after(value: str | None) -> float | None:
+# --- politeness toward document servers --------------------------------------------------------------------------
+# A copy of idios/hostlimits.py's retry_after, is_loopback and HostHeaders (host patterns as idios/netguard.py's
+# HostAllowlist): this client runs without the service's package (see iiif_documents.canonical).
+# tests/test_iiif_ingest.py holds the copy equal to the service's; change both together.
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds a Retry-After header asks for (delay-seconds or an HTTP-date); None for none or nonsense."""
     value = (value or "").strip()
     if value.isascii() and value.isdigit():
@@ -82,7 +88,7 @@ def retry_after(value: str | None) -> float | None:
         return None
     if when.tzinfo is None:  # an HTTP-date is GMT; parsedate_to_datetime leaves "-0000" naive
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class DocumentHeaders:
@@ -122,12 +128,17 @@ class DocumentHeaders:
 
 
 def loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+    """True for a host that names this machine: a loopback address (IPv4-mapped too), or localhost."""
+    key = host.lower().rstrip(".").strip("[]")
+    if key == "localhost" or key.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(key)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def is_url(source: str) -> bool:

@@ -397,6 +397,32 @@ def test_document_headers_follow_the_services_rules(monkeypatch: pytest.MonkeyPa
         time.tzset()
 
 
+def test_the_clients_copy_of_the_header_rules_is_the_services() -> None:
+    """iiif_walk's retry_after, loopback and DocumentHeaders answer as idios.hostlimits' (its HostHeaders, with the
+    host patterns of idios.netguard.HostAllowlist) over the same inputs: the copy cannot drift unseen."""
+    import iiif_walk
+    from yarl import URL
+
+    from idios import hostlimits
+
+    now = 1_790_000_000.0
+    values = ["7", " 12 ", "0", "-3", "1.5", "\u0663", "soon", "", None, "Wed, 21 Oct 2026 07:28:00 GMT",
+              "Wed, 21 Oct 2026 07:28:00 -0000", "Wed, 21 Oct 2026 09:28:00 +0200", "Tue, 01 Jan 2030 00:00:00 GMT",
+              "Mon, 01 Jan 2001 00:00:00 GMT", "Wed, 21 Oct 2026 07:28"]
+    assert [iiif_walk.retry_after(v, now) for v in values] == [hostlimits.retry_after(v, now) for v in values]
+    hosts = ["localhost", "a.localhost", "LOCALHOST.", "127.0.0.1", "127.8.9.10", "[::1]", "::1",
+             "::ffff:127.0.0.1", "[::ffff:127.0.0.1]", "10.0.0.1", "h.test", "localhost.example.org", "[::2]"]
+    assert [iiif_walk.loopback(h) for h in hosts] == [hostlimits.is_loopback(h) for h in hosts]
+    spec = json.dumps({"h.test, [::1], 10.0.0.1": {"Authorization": "Bearer x", "User-Agent": "ua"},
+                       "*.museum.test": {"Cookie": "c", "User-Agent": "museum"}, "H.Test.": {"X-Late": "1"}})
+    ours, theirs = iiif_walk.DocumentHeaders(spec), hostlimits.HostHeaders(spec)
+    urls = [f"{scheme}://{host}/m.json" for scheme in ("http", "https") for host in (
+        "h.test", "H.TEST", "h.test.", "[::1]:8080", "10.0.0.1", "a.museum.test", "b.a.museum.test", "museum.test",
+        "xmuseum.test", "other.test", "localhost")]
+    assert [ours.for_url(u) for u in urls] == [dict(theirs.for_url(URL(u))) for u in urls]
+    assert sum(bool(ours.for_url(u)) for u in urls) >= 10  # the list does exercise the matching
+
+
 async def test_a_manifest_of_100000_canvases_flows_out_in_order(site: DocSite) -> None:
     n, mid = 100_000, f"{site.url}/huge.json"
     canvases = [{"id": f"{mid}/c{i}", "type": "Canvas", "label": {"none": [f"page {i}"]}, "height": 10, "width": 10,
